@@ -1,0 +1,379 @@
+//! Configuration: routes, injected headers, limits, and the `Secret` type.
+//!
+//! Everything here is validated once, when the proxy is built, so the request
+//! path never meets a malformed route or a header value that could inject a
+//! CR/LF into the upstream head.
+
+use std::fmt;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use crate::error::Error;
+
+/// A value keyhole injects or compares but never shows: no `Display`, a
+/// redacted `Debug`, and its bytes are overwritten when it is dropped.
+#[derive(Clone)]
+pub struct Secret(Zeroizing<Vec<u8>>);
+
+impl Secret {
+    /// Wraps a value given directly (the caller's copy is not erased).
+    #[must_use]
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(Zeroizing::new(value.into().into_bytes()))
+    }
+
+    /// Reads environment variable `var`; fails naming `var` when it is unset,
+    /// not UTF-8, or holds a control byte.
+    pub fn from_env(var: &str) -> Result<Secret, Error> {
+        Secret::from_template(&format!("${{{var}}}"))
+    }
+
+    /// Expands every `${VAR}` in `template` from the environment, e.g.
+    /// `Bearer ${OPENAI_API_KEY}`. Fails naming the variable, never its value.
+    pub fn from_template(template: &str) -> Result<Secret, Error> {
+        let mut out = Zeroizing::new(Vec::with_capacity(template.len() + 64));
+        let mut rest = template;
+        while let Some(start) = rest.find("${") {
+            out.extend_from_slice(&rest.as_bytes()[..start]);
+            let after = &rest[start + 2..];
+            let end = after.find('}').ok_or(Error::BadTemplate)?;
+            let var = &after[..end];
+            let valid = !var.is_empty()
+                && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(Error::BadTemplate);
+            }
+            let value = Zeroizing::new(
+                std::env::var(var).map_err(|_| Error::UnsetVariable(var.to_owned()))?,
+            );
+            if value.bytes().any(is_control) {
+                return Err(Error::VariableHasControlByte(var.to_owned()));
+            }
+            out.extend_from_slice(value.as_bytes());
+            rest = &after[end + 1..];
+        }
+        out.extend_from_slice(rest.as_bytes());
+        Ok(Secret(out))
+    }
+
+    /// The raw bytes, for injection and constant-time comparison only.
+    pub(crate) fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A control byte: anything that could end or corrupt a header line.
+pub(crate) fn is_control(byte: u8) -> bool {
+    byte < 0x20 || byte == 0x7f
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+pub(crate) fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// RFC 9110 `token`: one or more `tchar`.
+pub(crate) fn is_token(bytes: &[u8]) -> bool {
+    !bytes.is_empty() && bytes.iter().all(|&b| is_tchar(b))
+}
+
+/// One upstream: requests whose path is `prefix` or starts with `prefix/`
+/// go to `url`, carrying the route's injected headers.
+pub struct Route {
+    pub(crate) prefix: String,
+    pub(crate) upstream: UpstreamUrl,
+    pub(crate) headers: Vec<(String, Secret)>,
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("Route")
+            .field("prefix", &self.prefix)
+            .field("upstream", &self.upstream.authority)
+            .field("injected_headers", &names)
+            .finish()
+    }
+}
+
+impl Route {
+    /// A route from `prefix` (starting with `/`) to `url`
+    /// (`https://host[:port][/path]`, or `http://` for a loopback host only).
+    pub fn new(prefix: &str, url: &str) -> Result<Route, Error> {
+        Ok(Route {
+            prefix: parse_prefix(prefix)?,
+            upstream: UpstreamUrl::parse(url)?,
+            headers: Vec::new(),
+        })
+    }
+
+    /// Adds a header the forwarded request carries exactly once, replacing
+    /// any the client sent. Name and value are checked when the proxy starts.
+    #[must_use]
+    pub fn header(mut self, name: &str, value: Secret) -> Route {
+        self.headers.push((name.to_ascii_lowercase(), value));
+        self
+    }
+
+    /// Checks the injected headers: token names, no control bytes in values.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        for (name, value) in &self.headers {
+            if !is_token(name.as_bytes()) {
+                return Err(Error::BadHeaderName(name.clone()));
+            }
+            if name == "host" || name == "content-length" || name == "transfer-encoding" {
+                return Err(Error::BadHeaderName(name.clone()));
+            }
+            let bytes = value.expose();
+            let padded = bytes.first().is_some_and(|&b| b == b' ')
+                || bytes.last().is_some_and(|&b| b == b' ');
+            if bytes.iter().any(|&b| is_control(b)) || padded {
+                return Err(Error::BadHeaderValue(name.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_prefix(prefix: &str) -> Result<String, Error> {
+    let bad = |why| Error::BadPrefix(prefix.to_owned(), why);
+    if !prefix.starts_with('/') {
+        return Err(bad("must start with /"));
+    }
+    let path_chars = prefix.bytes().all(|b| b.is_ascii_graphic() && !b"?#%\\".contains(&b));
+    if !path_chars {
+        return Err(bad("only plain path characters are allowed"));
+    }
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.contains("//") || trimmed.split('/').any(|s| s == "." || s == "..") {
+        return Err(bad("empty or dot segments are not allowed"));
+    }
+    Ok(if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() })
+}
+
+/// A parsed, validated upstream URL.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamUrl {
+    pub(crate) tls: bool,
+    /// Host without brackets, for DNS and SNI.
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// What the forwarded `Host` carries: `host` or `host:port` as written.
+    pub(crate) authority: String,
+    /// Prepended to the forwarded path; empty or `/...` without a trailing `/`.
+    pub(crate) path: String,
+}
+
+impl UpstreamUrl {
+    pub(crate) fn parse(url: &str) -> Result<UpstreamUrl, Error> {
+        let bad = |why| Error::BadUrl(url.to_owned(), why);
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(bad("must start with https:// (or http:// for loopback)"));
+        };
+        if rest.contains(['?', '#', '@', '\\']) || !rest.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("no user info, query, fragment or unusual characters"));
+        }
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let (host, port) = split_authority(authority).ok_or_else(|| bad("invalid host or port"))?;
+        let port = match port {
+            None => {
+                if tls {
+                    443
+                } else {
+                    80
+                }
+            }
+            Some(p) => p,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        if !tls && !is_loopback(&host) {
+            return Err(bad("http:// is only allowed for loopback hosts; use https://"));
+        }
+        let path = path.trim_end_matches('/');
+        if path.contains("//") || path.split('/').any(|s| s == "." || s == "..") || path.contains('%') {
+            return Err(bad("path with empty, dot or encoded segments"));
+        }
+        Ok(UpstreamUrl {
+            tls,
+            host,
+            port,
+            authority: authority.to_ascii_lowercase(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// Splits `host[:port]` (host may be a bracketed IPv6 literal) and checks both.
+fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let host = &authority[..=end];
+        host[1..end].parse::<std::net::Ipv6Addr>().ok()?;
+        match &authority[end + 1..] {
+            "" => (host, None),
+            p => (host, Some(p.strip_prefix(':')?)),
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let host_ok = host.starts_with('[')
+        || (!host.is_empty()
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    if !host_ok {
+        return None;
+    }
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().ok().filter(|&n| n != 0)?)
+        }
+        Some(_) => return None,
+    };
+    Some((host, port))
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Every bound and timeout, with the defaults of the command-line contract.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request head, leading empty lines included (431 beyond).
+    pub max_head_bytes: usize,
+    /// Most header lines in a request head (431 beyond); at most 256.
+    pub max_headers: usize,
+    /// Most client connections served at once; beyond it a new connection
+    /// gets 503 and is closed, so a flood cannot starve the ones in progress.
+    pub max_connections: usize,
+    /// Largest request body accepted (413 beyond); `None` for no limit.
+    pub max_body_bytes: Option<u64>,
+    /// Time to receive a complete request head once its first byte arrived (408).
+    pub head_timeout: Duration,
+    /// Longest silence while relaying a body in either direction, and while a
+    /// client connection waits for its next request.
+    pub idle_timeout: Duration,
+    /// Longest wait for the upstream's response head once the request was sent (504).
+    pub upstream_timeout: Duration,
+    /// Longest wait for the upstream TCP connection (504).
+    pub connect_timeout: Duration,
+    /// Longest wait for the upstream TLS handshake (504).
+    pub tls_timeout: Duration,
+    /// How long in-flight requests may still run after shutdown begins.
+    pub drain_timeout: Duration,
+    /// Idle upstream connections kept per route.
+    pub pool_max_idle: usize,
+    /// How long an idle upstream connection is kept for reuse.
+    pub pool_idle_timeout: Duration,
+}
+
+/// 64 KiB of head is far beyond any real API client and bounds per-connection memory.
+pub(crate) const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;
+/// 100 header lines, as the contract says; real SDK requests send about 20.
+pub(crate) const DEFAULT_MAX_HEADERS: usize = 100;
+/// The fixed header array handed to httparse; `Limits::max_headers` is capped to it.
+pub(crate) const HEADER_ARRAY_LEN: usize = 256;
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_head_bytes: DEFAULT_MAX_HEAD_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_connections: 16_384,
+            max_body_bytes: None,
+            head_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            upstream_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(10),
+            tls_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            pool_max_idle: 256,
+            pool_idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        let secret = Secret::new("sk-live-123");
+        assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
+        let route = Route::new("/", "https://api.example.com").unwrap().header("X-Api-Key", secret);
+        assert!(!format!("{route:?}").contains("sk-live"));
+    }
+
+    #[test]
+    fn template_expands_and_names_unset_variable() {
+        std::env::set_var("KEYHOLE_TEST_TEMPLATE_KEY", "abc");
+        let s = Secret::from_template("Bearer ${KEYHOLE_TEST_TEMPLATE_KEY}!").unwrap();
+        assert_eq!(s.expose(), b"Bearer abc!");
+        let err = Secret::from_template("${KEYHOLE_TEST_SURELY_UNSET}").unwrap_err();
+        assert_eq!(err.to_string(), "environment variable KEYHOLE_TEST_SURELY_UNSET is not set");
+        assert!(matches!(Secret::from_template("${oops"), Err(Error::BadTemplate)));
+        std::env::set_var("KEYHOLE_TEST_TEMPLATE_CRLF", "a\r\nx-evil: 1");
+        let err = Secret::from_template("${KEYHOLE_TEST_TEMPLATE_CRLF}").unwrap_err();
+        assert!(err.to_string().contains("KEYHOLE_TEST_TEMPLATE_CRLF"));
+        assert!(!err.to_string().contains("evil"));
+    }
+
+    #[test]
+    fn urls() {
+        let u = UpstreamUrl::parse("https://api.openai.com/v1/").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("api.openai.com", 443, "/v1"));
+        assert_eq!(u.authority, "api.openai.com");
+        let u = UpstreamUrl::parse("https://127.0.0.1:8443").unwrap();
+        assert_eq!((u.port, u.authority.as_str(), u.path.as_str()), (8443, "127.0.0.1:8443", ""));
+        let u = UpstreamUrl::parse("http://[::1]:80/x").unwrap();
+        assert_eq!((u.host.as_str(), u.tls), ("::1", false));
+        for bad in [
+            "http://api.example.com",
+            "ftp://x",
+            "https://user@host",
+            "https://host:0",
+            "https://host:99999",
+            "https://host/a/../b",
+            "https://host?x",
+            "https://",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(parse_prefix("/").unwrap(), "/");
+        assert_eq!(parse_prefix("/openai/").unwrap(), "/openai");
+        for bad in ["openai", "/a/../b", "/a//b", "/a%2f", "/a?b"] {
+            assert!(parse_prefix(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn header_validation() {
+        let ok = Route::new("/", "https://h").unwrap().header("x-api-key", Secret::new("k"));
+        assert!(ok.validate().is_ok());
+        let bad = Route::new("/", "https://h").unwrap().header("x api", Secret::new("k"));
+        assert!(matches!(bad.validate(), Err(Error::BadHeaderName(_))));
+        let bad = Route::new("/", "https://h").unwrap().header("x", Secret::new("a\nb"));
+        let err = bad.validate().unwrap_err();
+        assert!(!err.to_string().contains("a\nb"));
+    }
+}

@@ -1,0 +1,360 @@
+//! One client connection: read head → validate → route → upstream → relay →
+//! keep-alive or close. The only file that sequences the steps.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{sleep, timeout, timeout_at};
+
+use crate::body::{BodyError, BodyReader};
+use crate::config::{Limits, HEADER_ARRAY_LEN};
+use crate::error::Refusal;
+use crate::head::{self, Framing, MAX_INTERIM_RESPONSES};
+use crate::relay::{self, HeadError, InBuf, PumpError, BUF_SIZE};
+use crate::route::{Forward, RouteTable};
+use crate::upstream::{Connection, Upstream};
+
+/// The server's life cycle, watched by every connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Serving normally.
+    Running,
+    /// Shutting down: finish the request in flight, then close.
+    Draining,
+    /// The drain time is over: close now.
+    Closing,
+}
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub(crate) table: RouteTable,
+    pub(crate) upstreams: Vec<Upstream>,
+    pub(crate) limits: Limits,
+}
+
+/// Whether the client connection may carry another request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// One request's log fields, filled in as it goes.
+struct Record {
+    method: String,
+    path: String,
+    route: usize,
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    started: Instant,
+}
+
+impl Record {
+    fn log(&self, shared: &Shared) {
+        tracing::info!(
+            method = %self.method,
+            route = shared.table.prefix(self.route),
+            path = %self.path,
+            status = self.status,
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            ms = self.started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
+}
+
+/// Serves one client connection until it closes, errs, idles out or the
+/// server shuts down.
+pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let _ = stream.set_nodelay(true);
+    let mut input = InBuf::default();
+    loop {
+        if input.is_empty() {
+            // Idle: hold no buffer while waiting for the next request.
+            input.release();
+            tokio::select! {
+                ready = timeout(shared.limits.idle_timeout, stream.readable()) => {
+                    if !matches!(ready, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                _ = phase.wait_for(|p| *p != Phase::Running) => return,
+            }
+        }
+        let draining = *phase.borrow() != Phase::Running;
+        let request = Box::pin(handle_request(&mut stream, &mut input, &shared, draining));
+        let next = tokio::select! {
+            next = request => next,
+            _ = phase.wait_for(|p| *p == Phase::Closing) => Next::Close,
+        };
+        if next == Next::Close || *phase.borrow() != Phase::Running {
+            return;
+        }
+    }
+}
+
+async fn handle_request(stream: &mut TcpStream, input: &mut InBuf, shared: &Shared, draining: bool) -> Next {
+    let limits = &shared.limits;
+    let mut record = Record {
+        method: String::from("-"),
+        path: String::from("-"),
+        route: usize::MAX,
+        status: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        started: Instant::now(),
+    };
+    // S15: the head timeout runs from the first byte and is not reset by trickling.
+    let deadline = tokio::time::Instant::now() + limits.head_timeout;
+    let max_headers = limits.max_headers.min(HEADER_ARRAY_LEN);
+    let head_len = match timeout_at(deadline, relay::read_head(stream, input, limits.max_head_bytes, max_headers)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(HeadError::Invalid(refusal))) => return refuse(stream, refusal, &mut record, shared).await,
+        Ok(Err(HeadError::Closed { .. } | HeadError::Io)) => return Next::Close,
+        Err(_) => return refuse(stream, Refusal::RequestTimeout, &mut record, shared).await,
+    };
+    let forward = {
+        let mut storage = head::header_array();
+        match head::parse_request(&input.data()[..head_len], &mut storage[..max_headers]) {
+            Ok(req) => {
+                record.method = req.method.to_owned();
+                record.path = req.path().to_owned();
+                shared.table.forward(&req, limits.max_body_bytes)
+            }
+            Err(refusal) => Err(refusal),
+        }
+    };
+    input.consume(head_len);
+    let mut forward = match forward {
+        Ok(forward) => forward,
+        Err(refusal) => return refuse(stream, refusal, &mut record, shared).await,
+    };
+    record.route = forward.route();
+    let next = match exchange(stream, input, shared, &mut forward, &mut record).await {
+        Ok(next) => next,
+        Err(refusal) => return refuse(stream, refusal, &mut record, shared).await,
+    };
+    record.log(shared);
+    if draining || forward.close() {
+        Next::Close
+    } else {
+        next
+    }
+}
+
+/// Sends a generated response, then closes (S14). Lingers briefly reading
+/// what the client still sends, so the close does not turn into a reset
+/// that destroys the response before the client reads it.
+async fn refuse(stream: &mut TcpStream, refusal: Refusal, record: &mut Record, shared: &Shared) -> Next {
+    /// How long and how much to read after a refusal before closing.
+    const LINGER: Duration = Duration::from_secs(2);
+    const LINGER_BYTES: usize = 1024 * 1024;
+    record.status = refusal.status();
+    tracing::info!(
+        method = %record.method,
+        route = shared.table.prefix(record.route),
+        path = %record.path,
+        status = record.status,
+        reason = refusal.reason(),
+        ms = record.started.elapsed().as_millis() as u64,
+        "refused"
+    );
+    let sent = timeout(LINGER, stream.write_all(&refusal.response())).await;
+    if matches!(sent, Ok(Ok(()))) && stream.shutdown().await.is_ok() {
+        let mut sink = InBuf::default();
+        let mut drained = 0;
+        let linger = async {
+            while let Ok(n) = sink.read_from(stream).await {
+                if n == 0 || drained > LINGER_BYTES {
+                    break;
+                }
+                drained += n;
+                sink.consume(n);
+            }
+        };
+        let _ = timeout(LINGER, linger).await;
+    }
+    Next::Close
+}
+
+/// Forwards one validated request and relays its response. `Err` means
+/// nothing was sent to the client yet and the refusal should be.
+async fn exchange(
+    stream: &mut TcpStream,
+    input: &mut InBuf,
+    shared: &Shared,
+    forward: &mut Forward,
+    record: &mut Record,
+) -> Result<Next, Refusal> {
+    let limits = &shared.limits;
+    let idle = limits.idle_timeout;
+    let upstream = shared.upstreams.get(forward.route()).ok_or(Refusal::BadGateway("no upstream"))?;
+    let mut request_body = BodyReader::new(forward.framing());
+    let expect_continue = forward.expect_continue();
+    let is_head = forward.is_head();
+    let out = forward.head_mut();
+
+    // The head and whatever body bytes already arrived leave in one write.
+    if !input.is_empty() && !request_body.is_done() {
+        let n = request_body.feed(input.data(), out).map_err(body_refusal)?;
+        input.consume(n);
+        if limits.max_body_bytes.is_some_and(|max| request_body.payload() > max) {
+            return Err(Refusal::PayloadTooLarge);
+        }
+    }
+    let mut conn = open_and_send(upstream, limits, out).await?;
+    out.clear();
+
+    if expect_continue && !request_body.is_done() && input.is_empty() {
+        relay::write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n", idle).await.map_err(|_| Refusal::RequestTimeout)?;
+    }
+
+    let (mut client_reader, mut client_writer) = stream.split();
+    let mut response_in = InBuf::default();
+    let mut request_complete = request_body.is_done();
+    let response = {
+        let Connection { reader, writer, .. } = &mut conn;
+        let head_future = read_final_head(reader, &mut response_in, is_head);
+        let mut head_future = std::pin::pin!(head_future);
+        let mut early = None;
+        if !request_complete {
+            let pump = relay::pump(
+                &mut client_reader,
+                input,
+                writer,
+                &mut request_body,
+                out,
+                idle,
+                limits.max_body_bytes,
+            );
+            tokio::select! {
+                sent = pump => match sent {
+                    Ok(()) => request_complete = true,
+                    // The upstream may have answered and stopped reading:
+                    // its response, if any, is still worth relaying.
+                    Err(PumpError::SinkIo) => {}
+                    Err(PumpError::SinkTimeout) => return Err(Refusal::GatewayTimeout("upstream stopped reading the request")),
+                    Err(PumpError::SourceTimeout) => return Err(Refusal::RequestTimeout),
+                    Err(PumpError::SourceClosed | PumpError::SourceIo) => {
+                        record.status = 499;
+                        record.bytes_in = request_body.payload();
+                        return Ok(Next::Close);
+                    }
+                    Err(PumpError::Framing(err)) => return Err(body_refusal(err)),
+                    Err(PumpError::TooLarge) => return Err(Refusal::PayloadTooLarge),
+                },
+                head = &mut head_future => early = Some(head),
+            }
+        }
+        match early {
+            Some(head) => head?,
+            None => timeout(limits.upstream_timeout, head_future)
+                .await
+                .map_err(|_| Refusal::GatewayTimeout("upstream response timed out"))??,
+        }
+    };
+    record.bytes_in = request_body.payload();
+    record.status = response.status;
+
+    // From here on the client has (or may have) bytes of the response: a
+    // failure can only close the connection, never produce a new status.
+    let client_close = !request_complete || response.close || response.framing == Framing::UntilClose;
+    let mut out = response.head;
+    if client_close || forward.close() {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.reserve(BUF_SIZE.min(4096));
+    let mut response_body = BodyReader::new(response.framing);
+    let relayed = relay::pump(&mut conn.reader, &mut response_in, &mut client_writer, &mut response_body, &mut out, idle, None).await;
+    record.bytes_out = response_body.payload();
+    if let Err(err) = relayed {
+        tracing::debug!(?err, "response relay stopped");
+        record.status = if matches!(err, PumpError::SinkIo | PumpError::SinkTimeout) { 499 } else { 502 };
+        return Ok(Next::Close);
+    }
+    // R4: only a connection whose exchange ended cleanly goes back.
+    if request_complete && !response.close && response_in.is_empty() {
+        upstream.put_idle(conn, limits.pool_max_idle);
+    }
+    Ok(if client_close { Next::Close } else { Next::KeepAlive })
+}
+
+/// Takes an idle connection or opens one, and sends the first bytes. A
+/// pooled connection the upstream closed meanwhile fails that first write;
+/// then, since the bytes are all still here, a fresh connection gets them.
+async fn open_and_send(upstream: &Upstream, limits: &Limits, first: &[u8]) -> Result<Connection, Refusal> {
+    if let Some(mut conn) = upstream.take_idle(limits.pool_idle_timeout) {
+        if send_first(&mut conn, first, limits.idle_timeout).await.is_ok() {
+            return Ok(conn);
+        }
+        tracing::debug!("pooled upstream connection was closed; retrying on a new one");
+    }
+    let mut conn = upstream.connect(limits).await?;
+    send_first(&mut conn, first, limits.idle_timeout).await.map_err(|err| match err {
+        PumpError::SinkTimeout => Refusal::GatewayTimeout("upstream stopped reading the request"),
+        _ => Refusal::BadGateway("upstream connection failed"),
+    })?;
+    Ok(conn)
+}
+
+async fn send_first(conn: &mut Connection, first: &[u8], idle: Duration) -> Result<(), PumpError> {
+    relay::write_all(&mut conn.writer, first, idle).await?;
+    match timeout(idle, conn.writer.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(PumpError::SinkIo),
+        Err(_) => Err(PumpError::SinkTimeout),
+    }
+}
+
+/// The final response head, rewritten for the client (without its
+/// connection field and final CRLF), and what the relay needs to know.
+struct Response {
+    head: Vec<u8>,
+    status: u16,
+    framing: Framing,
+    close: bool,
+}
+
+/// Reads response heads until a final one (R1: interim 1xx are swallowed,
+/// at most `MAX_INTERIM_RESPONSES`; keyhole sends its own 100 Continue).
+async fn read_final_head<R>(reader: &mut R, input: &mut InBuf, is_head: bool) -> Result<Response, Refusal>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    for _ in 0..=MAX_INTERIM_RESPONSES {
+        let head_len = relay::read_head(reader, input, crate::config::DEFAULT_MAX_HEAD_BYTES, HEADER_ARRAY_LEN - 1)
+            .await
+            .map_err(|err| match err {
+                HeadError::Invalid(_) => Refusal::BadGateway("malformed upstream response head"),
+                HeadError::Closed { .. } | HeadError::Io => Refusal::BadGateway("upstream closed without a response"),
+            })?;
+        let mut storage = head::header_array();
+        let res = head::parse_response(&input.data()[..head_len], &mut storage, is_head)?;
+        if res.status < 200 {
+            input.consume(head_len);
+            continue;
+        }
+        let mut head = Vec::with_capacity(head_len + 64);
+        head::write_response_head(&mut head, &res);
+        let response = Response { head, status: res.status, framing: res.framing, close: res.close };
+        input.consume(head_len);
+        return Ok(response);
+    }
+    Err(Refusal::BadGateway("too many interim responses"))
+}
+
+fn body_refusal(err: BodyError) -> Refusal {
+    Refusal::BadRequest(err.reason())
+}
+
+/// Kept for the accept loop: a short pause after an accept error such as
+/// running out of file descriptors, so the loop does not spin.
+pub(crate) async fn accept_backoff() {
+    sleep(Duration::from_millis(50)).await;
+}

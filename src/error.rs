@@ -1,0 +1,182 @@
+//! What can go wrong, as closed enums with fixed text.
+//!
+//! `Refusal` is every answer keyhole generates itself: each variant maps to
+//! exactly one status, and its message is a static string, so no request byte
+//! and no secret can ever reach a generated response or its log line.
+//! `Error` is what configuration and start-up can fail with.
+
+use std::fmt;
+
+/// A response keyhole generates itself, then closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// 400: malformed or ambiguous request.
+    BadRequest(&'static str),
+    /// 401: missing or wrong client key.
+    Unauthorized,
+    /// 403: browser origin or foreign `Host`.
+    Forbidden(&'static str),
+    /// 404: no route matches.
+    NotFound,
+    /// 405: `TRACE` would echo the injected key.
+    MethodNotAllowed,
+    /// 408: the request head (or body) stalled.
+    RequestTimeout,
+    /// 413: body over the configured limit.
+    PayloadTooLarge,
+    /// 417: an expectation other than `100-continue`.
+    ExpectationFailed,
+    /// 431: request head over the size or line limit.
+    HeadTooLarge,
+    /// 502: upstream unreachable, TLS failure or malformed response.
+    BadGateway(&'static str),
+    /// 503: connection limit reached.
+    Unavailable,
+    /// 504: upstream timed out.
+    GatewayTimeout(&'static str),
+    /// 505: any version but HTTP/1.1.
+    VersionNotSupported,
+}
+
+impl Refusal {
+    /// The status code this refusal is answered with.
+    pub(crate) fn status(self) -> u16 {
+        match self {
+            Refusal::BadRequest(_) => 400,
+            Refusal::Unauthorized => 401,
+            Refusal::Forbidden(_) => 403,
+            Refusal::NotFound => 404,
+            Refusal::MethodNotAllowed => 405,
+            Refusal::RequestTimeout => 408,
+            Refusal::PayloadTooLarge => 413,
+            Refusal::ExpectationFailed => 417,
+            Refusal::HeadTooLarge => 431,
+            Refusal::BadGateway(_) => 502,
+            Refusal::Unavailable => 503,
+            Refusal::GatewayTimeout(_) => 504,
+            Refusal::VersionNotSupported => 505,
+        }
+    }
+
+    fn phrase(self) -> &'static str {
+        match self {
+            Refusal::BadRequest(_) => "Bad Request",
+            Refusal::Unauthorized => "Unauthorized",
+            Refusal::Forbidden(_) => "Forbidden",
+            Refusal::NotFound => "Not Found",
+            Refusal::MethodNotAllowed => "Method Not Allowed",
+            Refusal::RequestTimeout => "Request Timeout",
+            Refusal::PayloadTooLarge => "Content Too Large",
+            Refusal::ExpectationFailed => "Expectation Failed",
+            Refusal::HeadTooLarge => "Request Header Fields Too Large",
+            Refusal::BadGateway(_) => "Bad Gateway",
+            Refusal::Unavailable => "Service Unavailable",
+            Refusal::GatewayTimeout(_) => "Gateway Timeout",
+            Refusal::VersionNotSupported => "HTTP Version Not Supported",
+        }
+    }
+
+    /// The fixed reason text sent as the body and logged.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Refusal::BadRequest(why)
+            | Refusal::Forbidden(why)
+            | Refusal::BadGateway(why)
+            | Refusal::GatewayTimeout(why) => why,
+            Refusal::Unauthorized => "missing or wrong client key",
+            Refusal::NotFound => "no route matches this path",
+            Refusal::MethodNotAllowed => "TRACE is not allowed",
+            Refusal::RequestTimeout => "request not received in time",
+            Refusal::PayloadTooLarge => "request body over the configured limit",
+            Refusal::ExpectationFailed => "only Expect: 100-continue is supported",
+            Refusal::HeadTooLarge => "request head too large",
+            Refusal::Unavailable => "too many connections",
+            Refusal::VersionNotSupported => "only HTTP/1.1 is supported",
+        }
+    }
+
+    /// The whole response: status line, fixed headers, the reason as body.
+    pub(crate) fn response(self) -> Vec<u8> {
+        let body = self.reason();
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}\n",
+            self.status(),
+            self.phrase(),
+            body.len() + 1,
+            body
+        )
+        .into_bytes()
+    }
+}
+
+/// A configuration or start-up failure. Messages name variables, headers and
+/// URLs, never a secret value.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// `${VAR}` names a variable that is not set (or not UTF-8).
+    UnsetVariable(String),
+    /// `${VAR}` has a value with a control byte, which could inject headers.
+    VariableHasControlByte(String),
+    /// `${` without a closing `}` or with an empty or invalid name.
+    BadTemplate,
+    /// A header name that is not an HTTP token.
+    BadHeaderName(String),
+    /// A header value with CR, LF, NUL or another control byte (the value is not shown).
+    BadHeaderValue(String),
+    /// A route prefix that is not an origin-form path.
+    BadPrefix(String, &'static str),
+    /// A route URL that keyhole will not forward to.
+    BadUrl(String, &'static str),
+    /// Two routes with the same prefix.
+    DuplicatePrefix(String),
+    /// No route configured.
+    NoRoutes,
+    /// A `--ca-file` that holds no usable certificate.
+    BadCertificate(&'static str),
+    /// Binding the listening socket failed.
+    Bind(std::io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::UnsetVariable(var) => write!(f, "environment variable {var} is not set"),
+            Error::VariableHasControlByte(var) => write!(
+                f,
+                "environment variable {var} contains a control byte (CR, LF, NUL, ...)"
+            ),
+            Error::BadTemplate => f.write_str("unterminated or empty ${...} in a header value"),
+            Error::BadHeaderName(name) => write!(f, "header name {name:?} is not an HTTP token"),
+            Error::BadHeaderValue(name) => {
+                write!(f, "value of header {name:?} contains a control byte")
+            }
+            Error::BadPrefix(prefix, why) => write!(f, "route prefix {prefix:?}: {why}"),
+            Error::BadUrl(url, why) => write!(f, "route URL {url:?}: {why}"),
+            Error::DuplicatePrefix(prefix) => write!(f, "route prefix {prefix:?} given twice"),
+            Error::NoRoutes => f.write_str(
+                "no route configured (give --route PREFIX=URL, or set ANTHROPIC_API_KEY)",
+            ),
+            Error::BadCertificate(why) => write!(f, "CA file: {why}"),
+            Error::Bind(err) => write!(f, "cannot listen: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_response_is_well_framed() {
+        let bytes = Refusal::BadRequest("bare LF in head").response();
+        let text = String::from_utf8(bytes).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+        assert!(head.contains("connection: close"));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert_eq!(body, "bare LF in head\n");
+    }
+}

@@ -1,0 +1,203 @@
+//! The keyhole command: argument parsing, logging set-up, signals, and the
+//! `listening on` line; everything else is the library.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use keyhole::{Limits, Proxy, Route, Secret};
+
+const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client-key VALUE]
+               [--allow-host NAME]... [--upstream-timeout SECS] [--idle-timeout SECS]
+               [--head-timeout SECS] [--drain-timeout SECS] [--connect-timeout SECS]
+               [--max-connections N] [--max-body-bytes N] [--max-head-bytes N]
+               [--max-headers N] [--threads N] [--log-level LEVEL]
+               (--route PREFIX=URL [--header NAME=VALUE]...)...
+`${VAR}` in a header value or client key is read from the environment.
+With no --route and ANTHROPIC_API_KEY set:
+  --route /=https://api.anthropic.com --header 'x-api-key=${ANTHROPIC_API_KEY}'";
+
+/// Parsed command line.
+struct Cli {
+    listen: SocketAddr,
+    routes: Vec<Route>,
+    client_key: Option<Secret>,
+    allow_hosts: Vec<String>,
+    ca_files: Vec<String>,
+    limits: Limits,
+    threads: Option<usize>,
+    log_level: tracing::Level,
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(cli)) => cli,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("keyhole: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(cli.log_level).init();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("keyhole: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let mut builder = Proxy::builder().listen(cli.listen).limits(cli.limits);
+    for route in cli.routes {
+        builder = builder.route(route);
+    }
+    if let Some(key) = cli.client_key {
+        builder = builder.client_key(key);
+    }
+    for host in &cli.allow_hosts {
+        builder = builder.allow_host(host);
+    }
+    for path in &cli.ca_files {
+        match std::fs::read(path) {
+            Ok(pem) => builder = builder.ca_pem(pem),
+            Err(err) => {
+                eprintln!("keyhole: cannot read CA file {path}: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let proxy = match builder.start().await {
+        Ok(proxy) => proxy,
+        Err(err) => {
+            eprintln!("keyhole: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "listening on http://{}", proxy.local_addr());
+    let _ = stdout.flush();
+    drop(stdout);
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    proxy.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers, run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String> {
+    let mut cli = Cli {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        routes: Vec::new(),
+        client_key: None,
+        allow_hosts: Vec::new(),
+        ca_files: Vec::new(),
+        limits: Limits::default(),
+        threads: None,
+        log_level: tracing::Level::INFO,
+    };
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        if flag == "--help" || flag == "-h" {
+            return Ok(None);
+        }
+        let mut value = || -> Result<String, String> {
+            inline.clone().or_else(|| args.next()).ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--listen" => {
+                let v = value()?;
+                cli.listen = v.parse().map_err(|_| format!("--listen {v}: not an IP:PORT address"))?;
+            }
+            "--route" => {
+                let v = value()?;
+                let (prefix, url) =
+                    v.split_once('=').ok_or_else(|| format!("--route {v}: expected PREFIX=URL"))?;
+                cli.routes.push(Route::new(prefix, url).map_err(|e| e.to_string())?);
+            }
+            "--header" => {
+                let v = value()?;
+                let (name, template) = v.split_once('=').ok_or("--header: expected NAME=VALUE")?;
+                let secret = Secret::from_template(template).map_err(|e| format!("--header {name}: {e}"))?;
+                let route = cli.routes.pop().ok_or("--header must follow a --route")?;
+                cli.routes.push(route.header(name, secret));
+            }
+            "--client-key" => {
+                let v = value()?;
+                cli.client_key = Some(Secret::from_template(&v).map_err(|e| format!("--client-key: {e}"))?);
+            }
+            "--allow-host" => cli.allow_hosts.push(value()?),
+            "--ca-file" => cli.ca_files.push(value()?),
+            "--upstream-timeout" => cli.limits.upstream_timeout = seconds(&flag, &value()?)?,
+            "--idle-timeout" => cli.limits.idle_timeout = seconds(&flag, &value()?)?,
+            "--head-timeout" => cli.limits.head_timeout = seconds(&flag, &value()?)?,
+            "--drain-timeout" => cli.limits.drain_timeout = seconds(&flag, &value()?)?,
+            "--connect-timeout" => {
+                let d = seconds(&flag, &value()?)?;
+                cli.limits.connect_timeout = d;
+                cli.limits.tls_timeout = d;
+            }
+            "--max-connections" => cli.limits.max_connections = number(&flag, &value()?)?,
+            "--max-body-bytes" => cli.limits.max_body_bytes = Some(number(&flag, &value()?)?),
+            "--max-head-bytes" => cli.limits.max_head_bytes = number(&flag, &value()?)?,
+            "--max-headers" => cli.limits.max_headers = number(&flag, &value()?)?,
+            "--threads" => cli.threads = Some(number(&flag, &value()?)?),
+            "--log-level" => {
+                let v = value()?;
+                cli.log_level = v.parse().map_err(|_| format!("--log-level {v}: use error, warn, info, debug or trace"))?;
+            }
+            _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
+        }
+    }
+    if cli.routes.is_empty() && std::env::var_os("ANTHROPIC_API_KEY").is_some() {
+        let secret = Secret::from_env("ANTHROPIC_API_KEY").map_err(|e| e.to_string())?;
+        let route = Route::new("/", "https://api.anthropic.com").map_err(|e| e.to_string())?;
+        cli.routes.push(route.header("x-api-key", secret));
+    }
+    if cli.routes.is_empty() {
+        return Err(format!("no route given and ANTHROPIC_API_KEY is not set\n{USAGE}"));
+    }
+    Ok(Some(cli))
+}
+
+fn seconds(flag: &str, value: &str) -> Result<Duration, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("{flag} {value}: expected a positive number of seconds"))
+}
+
+fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{flag} {value}: expected a number"));
+    }
+    value.parse().map_err(|_| format!("{flag} {value}: number out of range"))
+}

@@ -1,0 +1,264 @@
+//! Moving bytes: reading heads and pumping bodies through fixed buffers,
+//! with an idle timeout on every read and write (never a total timeout: a
+//! ten-minute SSE stream that keeps sending must survive).
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::timeout;
+
+use crate::body::{BodyError, BodyReader};
+use crate::error::Refusal;
+use crate::head::{HeadScan, Scan};
+
+/// Bytes read per call while relaying a body: large enough that a 64 MiB
+/// transfer costs about a thousand reads, small enough that a busy
+/// connection holds well under 1 MiB.
+pub(crate) const BUF_SIZE: usize = 64 * 1024;
+/// Below this much free space a read would be too small to be worth it.
+const MIN_READ: usize = 4 * 1024;
+
+/// Bytes read from a peer and not yet consumed. Holds no memory while empty
+/// and released, so idle keep-alive connections cost almost nothing.
+#[derive(Debug, Default)]
+pub(crate) struct InBuf {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl InBuf {
+    /// The unconsumed bytes.
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Is nothing left to consume?
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    /// Marks `n` leading bytes consumed.
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.buf.len());
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+    }
+
+    /// Frees the buffer if nothing is pending (before an idle wait).
+    pub(crate) fn release(&mut self) {
+        if self.is_empty() {
+            self.buf = Vec::new();
+            self.pos = 0;
+        }
+    }
+
+    /// Reads once from `src`, appending; returns 0 at end of stream.
+    pub(crate) async fn read_from<R: AsyncRead + Unpin>(&mut self, src: &mut R) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < MIN_READ {
+            if self.pos > 0 {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            }
+            if self.buf.capacity() - self.buf.len() < MIN_READ {
+                self.buf.reserve(BUF_SIZE.max(self.buf.len()));
+            }
+        }
+        src.read_buf(&mut self.buf).await
+    }
+}
+
+/// Why reading a head stopped without one.
+#[derive(Debug)]
+pub(crate) enum HeadError {
+    /// The bytes break a rule; answer with this.
+    Invalid(Refusal),
+    /// The peer closed; `mid_head` if part of a head had arrived.
+    Closed { mid_head: bool },
+    /// The socket failed.
+    Io,
+}
+
+/// Reads until `input` starts with a complete head; returns its length.
+/// The caller bounds the wait with its own timeout.
+pub(crate) async fn read_head<R: AsyncRead + Unpin>(
+    src: &mut R,
+    input: &mut InBuf,
+    max_bytes: usize,
+    max_lines: usize,
+) -> Result<usize, HeadError> {
+    let mut scan = HeadScan::default();
+    loop {
+        if !input.is_empty() {
+            match scan.scan(input.data(), max_bytes, max_lines).map_err(HeadError::Invalid)? {
+                Scan::Complete(n) => return Ok(n),
+                Scan::Partial => {}
+            }
+        }
+        match input.read_from(src).await {
+            Ok(0) => return Err(HeadError::Closed { mid_head: !input.is_empty() }),
+            Ok(_) => {}
+            Err(_) => return Err(HeadError::Io),
+        }
+    }
+}
+
+/// Why a body pump stopped early. `Source` is the side bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PumpError {
+    /// The source closed before the body was complete.
+    SourceClosed,
+    /// Reading the source failed.
+    SourceIo,
+    /// The source sent nothing for the idle timeout.
+    SourceTimeout,
+    /// Writing the destination failed.
+    SinkIo,
+    /// The destination accepted nothing for the idle timeout.
+    SinkTimeout,
+    /// The body's framing broke a rule.
+    Framing(BodyError),
+    /// The body grew past the configured limit.
+    TooLarge,
+}
+
+/// Writes all of `bytes` under the idle timeout.
+pub(crate) async fn write_all<W: AsyncWrite + Unpin>(dst: &mut W, bytes: &[u8], idle: Duration) -> Result<(), PumpError> {
+    match timeout(idle, dst.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(PumpError::SinkIo),
+        Err(_) => Err(PumpError::SinkTimeout),
+    }
+}
+
+async fn flush<W: AsyncWrite + Unpin>(dst: &mut W, idle: Duration) -> Result<(), PumpError> {
+    match timeout(idle, dst.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(PumpError::SinkIo),
+        Err(_) => Err(PumpError::SinkTimeout),
+    }
+}
+
+/// Relays one body from `src` (bytes already read wait in `input`) to `dst`.
+/// `out` may already hold bytes to send first (a head): they leave in the
+/// same write as the first body bytes. Payload passes through unchanged;
+/// chunked framing is validated and re-emitted canonically by `body`.
+/// Stops exactly at the end of the body, leaving later bytes in `input`.
+pub(crate) async fn pump<R, W>(
+    src: &mut R,
+    input: &mut InBuf,
+    dst: &mut W,
+    body: &mut BodyReader,
+    out: &mut Vec<u8>,
+    idle: Duration,
+    max_payload: Option<u64>,
+) -> Result<(), PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        if !input.is_empty() && !body.is_done() {
+            // Plain bodies go straight from the read buffer to the socket.
+            if out.is_empty() {
+                if let Some(n) = body.passthrough(input.data()) {
+                    write_all(dst, &input.data()[..n], idle).await?;
+                    input.consume(n);
+                }
+            }
+            if !input.is_empty() && !body.is_done() {
+                let n = body.feed(input.data(), out).map_err(PumpError::Framing)?;
+                input.consume(n);
+            }
+            if max_payload.is_some_and(|max| body.payload() > max) {
+                return Err(PumpError::TooLarge);
+            }
+        }
+        if !out.is_empty() {
+            write_all(dst, out, idle).await?;
+            out.clear();
+        }
+        flush(dst, idle).await?;
+        if body.is_done() {
+            return Ok(());
+        }
+        match timeout(idle, input.read_from(src)).await {
+            Err(_) => return Err(PumpError::SourceTimeout),
+            Ok(Err(_)) => return Err(PumpError::SourceIo),
+            Ok(Ok(0)) => {
+                return if body.finish_at_close() { Ok(()) } else { Err(PumpError::SourceClosed) };
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::head::Framing;
+
+    /// A reader that yields its chunks one read at a time.
+    struct Chunks(Vec<Vec<u8>>);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            if !self.0.is_empty() {
+                let chunk = self.0.remove(0);
+                buf.put_slice(&chunk);
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn pump_chunked_at_every_split_keeps_pipelined_bytes() {
+        let wire = b"3\r\nabc\r\n0\r\n\r\nGET /next";
+        for split in 1..wire.len() {
+            let mut src = Chunks(vec![wire[..split].to_vec(), wire[split..].to_vec()]);
+            let mut input = InBuf::default();
+            let mut dst = Vec::new();
+            let mut out = b"HEAD\r\n".to_vec();
+            let mut body = BodyReader::new(Framing::Chunked);
+            pump(&mut src, &mut input, &mut dst, &mut body, &mut out, Duration::from_secs(5), None).await.unwrap();
+            assert_eq!(dst, b"HEAD\r\n3\r\nabc\r\n0\r\n\r\n", "split {split}");
+            let mut rest = input.data().to_vec();
+            while let Ok(n) = input.read_from(&mut src).await {
+                if n == 0 {
+                    break;
+                }
+                rest = input.data().to_vec();
+            }
+            assert_eq!(rest, b"GET /next", "split {split}");
+        }
+    }
+
+    #[tokio::test]
+    async fn pump_length_stops_and_detects_truncation() {
+        let mut src = Chunks(vec![b"hello wor".to_vec()]);
+        let mut input = InBuf::default();
+        let mut dst = Vec::new();
+        let mut body = BodyReader::new(Framing::Length(20));
+        let err = pump(&mut src, &mut input, &mut dst, &mut body, &mut Vec::new(), Duration::from_secs(5), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err, PumpError::SourceClosed);
+        assert_eq!(dst, b"hello wor");
+    }
+
+    #[tokio::test]
+    async fn read_head_reports_close_mid_head() {
+        let mut src = Chunks(vec![b"GET / HT".to_vec()]);
+        let mut input = InBuf::default();
+        assert!(matches!(
+            read_head(&mut src, &mut input, 1024, 10).await,
+            Err(HeadError::Closed { mid_head: true })
+        ));
+    }
+}

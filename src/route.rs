@@ -1,0 +1,336 @@
+//! Routing and rewrite: the only place a client's head becomes an upstream head.
+//!
+//! `RouteTable::forward` runs the checks the contract orders after head syntax
+//! (browser and Host 403, method 405, client key 401, route 404, framing 400)
+//! and builds a `Forward`, whose fields are private: the upstream writer takes
+//! nothing else, so an unrewritten head cannot reach an upstream.
+
+use zeroize::Zeroize;
+
+use crate::config::{Route, Secret, UpstreamUrl};
+use crate::error::Refusal;
+use crate::head::{self, Expect, Framing, RequestHead};
+
+/// The routes, longest prefix first, plus the per-proxy policy.
+#[derive(Debug)]
+pub(crate) struct RouteTable {
+    routes: Vec<Route>,
+    client_key: Option<Secret>,
+    allowed_hosts: Vec<String>,
+}
+
+/// A request rewritten for its upstream, ready to be written.
+pub(crate) struct Forward {
+    route: usize,
+    head: Vec<u8>,
+    framing: Framing,
+    expect_continue: bool,
+    is_head: bool,
+    close: bool,
+}
+
+impl Drop for Forward {
+    // The head holds injected secrets; do not leave them in freed memory.
+    fn drop(&mut self) {
+        self.head.zeroize();
+    }
+}
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward").field("route", &self.route).field("framing", &self.framing).finish_non_exhaustive()
+    }
+}
+
+impl Forward {
+    /// Index of the route (and upstream) this request goes to.
+    pub(crate) fn route(&self) -> usize {
+        self.route
+    }
+    /// The serialized upstream head, which the caller may extend with the
+    /// first body bytes so that both leave in one write.
+    pub(crate) fn head_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.head
+    }
+    /// The request body's framing.
+    pub(crate) fn framing(&self) -> Framing {
+        self.framing
+    }
+    /// The client asked for `100-continue`.
+    pub(crate) fn expect_continue(&self) -> bool {
+        self.expect_continue
+    }
+    /// The method was HEAD (the response has no body).
+    pub(crate) fn is_head(&self) -> bool {
+        self.is_head
+    }
+    /// The client asked to close after this exchange.
+    pub(crate) fn close(&self) -> bool {
+        self.close
+    }
+}
+
+impl RouteTable {
+    /// Builds the table; routes are matched longest prefix first.
+    pub(crate) fn new(mut routes: Vec<Route>, client_key: Option<Secret>, allowed_hosts: Vec<String>) -> RouteTable {
+        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        RouteTable { routes, client_key, allowed_hosts }
+    }
+
+    /// The routes in match order (index = `Forward::route`).
+    pub(crate) fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The prefix of route `index`, for logs.
+    pub(crate) fn prefix(&self, index: usize) -> &str {
+        self.routes.get(index).map_or("-", |r| r.prefix.as_str())
+    }
+
+    /// Runs the policy checks in the contract's order and rewrites the head.
+    /// `max_body` is the optional body limit (413).
+    pub(crate) fn forward(&self, req: &RequestHead<'_, '_>, max_body: Option<u64>) -> Result<Forward, Refusal> {
+        // B1, B2: a web page in the host's browser, or DNS rebinding.
+        if req.browser {
+            return Err(Refusal::Forbidden("browser requests are refused"));
+        }
+        if !head::host_is_local(req.host, &self.allowed_hosts) {
+            return Err(Refusal::Forbidden("Host is not a local name"));
+        }
+        // B3 / S2: TRACE would reflect the injected key.
+        if req.trace {
+            return Err(Refusal::MethodNotAllowed);
+        }
+        if let Some(key) = &self.client_key {
+            if !carries_client_key(req.headers, key.expose()) {
+                return Err(Refusal::Unauthorized);
+            }
+        }
+        let index = self.match_path(req.path()).ok_or(Refusal::NotFound)?;
+        let route = &self.routes[index];
+        let framing = req.framing?;
+        if req.expect == Expect::Other {
+            return Err(Refusal::ExpectationFailed);
+        }
+        if let (Some(limit), Framing::Length(n)) = (max_body, framing) {
+            if n > limit {
+                return Err(Refusal::PayloadTooLarge);
+            }
+        }
+        // S11: a nomination must not remove what framing or injection relies on.
+        for name in head::nominated(req.headers) {
+            let protected = [&b"host"[..], b"content-length", b"transfer-encoding"];
+            if protected.iter().any(|p| name.eq_ignore_ascii_case(p))
+                || route.headers.iter().any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+            {
+                return Err(Refusal::BadRequest("Connection nominates a protected header"));
+            }
+        }
+        Ok(Forward {
+            route: index,
+            head: rewrite(req, route, framing),
+            framing,
+            expect_continue: req.expect == Expect::Continue && framing != Framing::Empty,
+            is_head: req.method == "HEAD",
+            close: req.close,
+        })
+    }
+
+    /// S4: longest prefix on a segment boundary, case-sensitive.
+    fn match_path(&self, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| prefix_matches(&r.prefix, path))
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The upstream target: the URL's path, the rest of the client's path after
+/// the prefix, and the query, byte for byte (S4: never decoded or normalised).
+pub(crate) fn rewrite_target(url: &UpstreamUrl, prefix: &str, target: &str, path_len: usize) -> String {
+    let rest = if prefix == "/" { &target[..path_len] } else { &target[prefix.len()..path_len] };
+    let mut out = String::with_capacity(url.path.len() + target.len() + 1);
+    out.push_str(&url.path);
+    out.push_str(rest);
+    if out.is_empty() {
+        out.push('/');
+    }
+    out.push_str(&target[path_len..]);
+    out
+}
+
+/// Should this client header be dropped before forwarding (S11, S13)?
+fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route) -> bool {
+    const CREDENTIALS: [&str; 5] = ["host", "authorization", "proxy-authorization", "x-api-key", "expect"];
+    head::is_hop_by_hop(name)
+        || CREDENTIALS.iter().any(|c| c.eq_ignore_ascii_case(name))
+        || route.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+        || head::is_nominated(req.headers, name)
+}
+
+fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8> {
+    let target = rewrite_target(&route.upstream, &route.prefix, req.target, req.path_len);
+    let mut out = Vec::with_capacity(256 + req.target.len() + req.headers.len() * 48);
+    for part in [req.method, " ", &target, " HTTP/1.1\r\nhost: ", &route.upstream.authority, "\r\n"] {
+        out.extend_from_slice(part.as_bytes());
+    }
+    for h in req.headers {
+        if is_stripped(h.name, req, route) {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(head::trim(h.value));
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in &route.headers {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.expose());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(head::itoa(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::UntilClose => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Does any `x-api-key` or `authorization: Bearer` field carry the key?
+fn carries_client_key(headers: &[httparse::Header<'_>], key: &[u8]) -> bool {
+    let mut found = false;
+    for h in headers {
+        let value = head::trim(h.value);
+        let candidate = if h.name.eq_ignore_ascii_case("x-api-key") {
+            Some(value)
+        } else if h.name.eq_ignore_ascii_case("authorization")
+            && value.len() > 7
+            && value[..7].eq_ignore_ascii_case(b"bearer ")
+        {
+            Some(head::trim(&value[7..]))
+        } else {
+            None
+        };
+        // Every candidate is compared, so timing does not reveal which matched.
+        if let Some(candidate) = candidate {
+            found |= constant_time_eq(candidate, key);
+        }
+    }
+    found
+}
+
+/// Compares without an early exit: the time depends on the lengths only.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= std::hint::black_box(x ^ y);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::head::{header_array, parse_request};
+
+    fn table(key: Option<&str>) -> RouteTable {
+        let routes = vec![
+            Route::new("/", "https://root.example").unwrap().header("x-api-key", Secret::new("ROOTKEY")),
+            Route::new("/openai", "https://api.openai.com/v1").unwrap().header("Authorization", Secret::new("Bearer OAI")),
+            Route::new("/openai/files", "https://files.example/").unwrap(),
+        ];
+        RouteTable::new(routes, key.map(Secret::new), vec!["allowed.example".into()])
+    }
+
+    fn forward(table: &RouteTable, req: &str) -> Result<(String, String), Refusal> {
+        let mut storage = header_array();
+        let head = parse_request(req.as_bytes(), &mut storage)?;
+        let fwd = table.forward(&head, Some(1000))?;
+        let host = table.routes()[fwd.route()].upstream.host.clone();
+        Ok((host, String::from_utf8(fwd.head.clone()).unwrap()))
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundary() {
+        let t = table(None);
+        let go = |path: &str| forward(&t, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")).unwrap();
+        let (host, head) = go("/openai/chat?x=1");
+        assert_eq!(host, "api.openai.com");
+        assert!(head.starts_with("GET /v1/chat?x=1 HTTP/1.1\r\nhost: api.openai.com\r\n"));
+        assert!(go("/openai").1.starts_with("GET /v1 HTTP/1.1"));
+        assert!(go("/openai?q").1.starts_with("GET /v1?q HTTP/1.1"));
+        let (host, head) = go("/openaiX/chat");
+        assert_eq!(host, "root.example");
+        assert!(head.starts_with("GET /openaiX/chat HTTP/1.1"));
+        assert_eq!(go("/openai/files/1").0, "files.example");
+        assert!(go("/openai/files").1.starts_with("GET / HTTP/1.1"));
+        assert!(go("/openai/files?a=b").1.starts_with("GET /?a=b HTTP/1.1"));
+    }
+
+    #[test]
+    fn strips_credentials_and_hop_by_hop_and_injects_once() {
+        let t = table(None);
+        let (_, head) = forward(
+            &t,
+            "POST /openai/x HTTP/1.1\r\nHost: 127.0.0.1:9\r\nAUTHORIZATION: Bearer client\r\nauthorization: x\r\nX-Api-Key: k\r\nProxy-Authorization: p\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 1\r\nTE: trailers\r\nUpgrade: h2c\r\nHTTP2-Settings: x\r\nX-Keep: a b \r\nContent-Length: 3\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            head,
+            "POST /v1/x HTTP/1.1\r\nhost: api.openai.com\r\nX-Keep: a b\r\nauthorization: Bearer OAI\r\ncontent-length: 3\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn policy_order_and_statuses() {
+        let t = table(Some("placeholder"));
+        let req = |extra: &str, path: &str| {
+            forward(&t, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n")).map(|_| ())
+        };
+        assert_eq!(req("Origin: http://evil\r\n", "/"), Err(Refusal::Forbidden("browser requests are refused")));
+        assert!(matches!(
+            forward(&t, "GET / HTTP/1.1\r\nHost: evil.example\r\nx-api-key: placeholder\r\n\r\n"),
+            Err(Refusal::Forbidden(_))
+        ));
+        assert!(forward(&t, "GET / HTTP/1.1\r\nHost: allowed.example\r\nx-api-key: placeholder\r\n\r\n").is_ok());
+        assert_eq!(
+            forward(&t, "TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n").map(|_| ()),
+            Err(Refusal::MethodNotAllowed)
+        );
+        assert_eq!(req("", "/"), Err(Refusal::Unauthorized));
+        assert_eq!(req("x-api-key: placeholdeR\r\n", "/"), Err(Refusal::Unauthorized));
+        assert_eq!(req("x-api-key: placeholder\r\n", "/"), Ok(()));
+        assert_eq!(req("authorization: bearer placeholder\r\n", "/"), Ok(()));
+        assert_eq!(
+            req("x-api-key: placeholder\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n", "/"),
+            Err(Refusal::BadRequest("both Content-Length and Transfer-Encoding"))
+        );
+        assert_eq!(req("x-api-key: placeholder\r\nContent-Length: 1001\r\n", "/"), Err(Refusal::PayloadTooLarge));
+        assert_eq!(req("x-api-key: placeholder\r\nExpect: x\r\n", "/"), Err(Refusal::ExpectationFailed));
+        assert!(matches!(req("x-api-key: placeholder\r\nConnection: host\r\n", "/"), Err(Refusal::BadRequest(_))));
+        // S11: the route injects x-api-key, so nominating it is refused; other credentials may be.
+        assert!(matches!(req("x-api-key: placeholder\r\nConnection: x-api-key\r\n", "/"), Err(Refusal::BadRequest(_))));
+        assert_eq!(req("x-api-key: placeholder\r\nConnection: authorization\r\n", "/"), Ok(()));
+        let only = RouteTable::new(vec![Route::new("/a", "https://h").unwrap()], None, vec![]);
+        assert_eq!(forward(&only, "GET /b HTTP/1.1\r\nHost: localhost\r\n\r\n").map(|_| ()), Err(Refusal::NotFound));
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

@@ -1,0 +1,224 @@
+//! The accept loop and the public handle: connection permits, accept errors,
+//! the shutdown signal and the bounded drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::{Limits, Route, Secret};
+use crate::conn::{self, Phase, Shared};
+use crate::error::{Error, Refusal};
+use crate::route::RouteTable;
+use crate::upstream::{self, Upstream};
+
+/// Entry point of the library API.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), keyhole::Error> {
+/// use keyhole::{Proxy, Route, Secret};
+/// let proxy = Proxy::builder()
+///     .listen("127.0.0.1:0".parse().unwrap())
+///     .route(Route::new("/", "https://api.anthropic.com")?.header("x-api-key", Secret::from_env("ANTHROPIC_API_KEY")?))
+///     .start()
+///     .await?;
+/// println!("listening on http://{}", proxy.local_addr());
+/// proxy.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Proxy;
+
+impl Proxy {
+    /// A builder with no routes, listening on `127.0.0.1:0`, default limits.
+    #[must_use]
+    pub fn builder() -> Builder {
+        Builder {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            routes: Vec::new(),
+            client_key: None,
+            allowed_hosts: Vec::new(),
+            ca_pems: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Configures and starts a proxy. Everything is validated by `start`.
+#[derive(Debug)]
+pub struct Builder {
+    listen: SocketAddr,
+    routes: Vec<Route>,
+    client_key: Option<Secret>,
+    allowed_hosts: Vec<String>,
+    ca_pems: Vec<Vec<u8>>,
+    limits: Limits,
+}
+
+impl Builder {
+    /// The address to bind; port 0 picks a free one (see `ProxyHandle::local_addr`).
+    #[must_use]
+    pub fn listen(mut self, addr: SocketAddr) -> Builder {
+        self.listen = addr;
+        self
+    }
+
+    /// Adds a route; the longest matching prefix wins.
+    #[must_use]
+    pub fn route(mut self, route: Route) -> Builder {
+        self.routes.push(route);
+        self
+    }
+
+    /// Requires every request to carry this key as `x-api-key` or
+    /// `authorization: Bearer` (compared in constant time; else 401).
+    #[must_use]
+    pub fn client_key(mut self, key: Secret) -> Builder {
+        self.client_key = Some(key);
+        self
+    }
+
+    /// Accepts this name in the client's `Host` header, besides IP literals,
+    /// `localhost` and `host.docker.internal`.
+    #[must_use]
+    pub fn allow_host(mut self, name: &str) -> Builder {
+        self.allowed_hosts.push(name.to_owned());
+        self
+    }
+
+    /// Trusts the certificates in this PEM text as upstream roots, on top of
+    /// the built-in webpki roots.
+    #[must_use]
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Builder {
+        self.ca_pems.push(pem.into());
+        self
+    }
+
+    /// Replaces the limits and timeouts.
+    #[must_use]
+    pub fn limits(mut self, limits: Limits) -> Builder {
+        self.limits = limits;
+        self
+    }
+
+    /// Validates the configuration, binds, and starts accepting. The proxy
+    /// is accepting connections when this returns.
+    pub async fn start(self) -> Result<ProxyHandle, Error> {
+        if self.routes.is_empty() {
+            return Err(Error::NoRoutes);
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            route.validate()?;
+            if self.routes[..i].iter().any(|r| r.prefix == route.prefix) {
+                return Err(Error::DuplicatePrefix(route.prefix.clone()));
+            }
+        }
+        if let Some(key) = &self.client_key {
+            if key.expose().is_empty() || key.expose().iter().any(|&b| crate::config::is_control(b)) {
+                return Err(Error::BadHeaderValue("client key".to_owned()));
+            }
+        }
+        let connector = upstream::tls_connector(&self.ca_pems)?;
+        let table = RouteTable::new(self.routes, self.client_key, self.allowed_hosts);
+        let upstreams =
+            table.routes().iter().map(|r| Upstream::new(&r.upstream, connector.clone())).collect::<Result<_, _>>()?;
+        let listener = TcpListener::bind(self.listen).await.map_err(Error::Bind)?;
+        let local_addr = listener.local_addr().map_err(Error::Bind)?;
+        let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+        let permits = Arc::new(Semaphore::new(self.limits.max_connections.max(1)));
+        let shared = Arc::new(Shared { table, upstreams, limits: self.limits });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone(), phase_rx, permits.clone()));
+        Ok(ProxyHandle { local_addr, phase: phase_tx, permits, shared, accept: Some(accept) })
+    }
+}
+
+/// A running proxy. Dropping it stops accepting and closes every connection
+/// at once; `shutdown` does the same gracefully.
+pub struct ProxyHandle {
+    local_addr: SocketAddr,
+    phase: watch::Sender<Phase>,
+    permits: Arc<Semaphore>,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ProxyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyHandle").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl ProxyHandle {
+    /// The bound address (with the real port when 0 was asked for).
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets requests in flight finish for up to the drain
+    /// timeout, then closes whatever is left (a cut-off body never looks
+    /// complete) and returns.
+    pub async fn shutdown(mut self) {
+        let drain = self.shared.limits.drain_timeout;
+        self.phase.send_replace(Phase::Draining);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.await;
+        }
+        let all = u32::try_from(self.shared.limits.max_connections.max(1)).unwrap_or(u32::MAX);
+        if tokio::time::timeout(drain, self.permits.acquire_many(all)).await.is_err() {
+            self.phase.send_replace(Phase::Closing);
+            // Closing tasks only need to be polled once to drop their sockets.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.permits.acquire_many(all)).await;
+        }
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.phase.send_replace(Phase::Closing);
+        if let Some(accept) = self.accept.take() {
+            accept.abort();
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>, permits: Arc<Semaphore>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = phase.wait_for(|p| *p != Phase::Running) => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                conn::accept_backoff().await;
+                continue;
+            }
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let shared = shared.clone();
+                let phase = phase.clone();
+                tokio::spawn(async move {
+                    conn::serve(stream, shared, phase).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(turn_away(stream));
+            }
+        }
+    }
+}
+
+/// Over the connection limit: a clear 503 rather than a silent queue.
+async fn turn_away(mut stream: TcpStream) {
+    let response = Refusal::Unavailable.response();
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&response)).await;
+}

@@ -1,0 +1,185 @@
+//! Upstream connections: rustls client set-up, connect and handshake under
+//! their own timeouts, and a pool of idle keep-alive connections per route.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{Limits, UpstreamUrl};
+use crate::error::{Error, Refusal};
+
+/// Builds the one TLS client configuration: ring provider, webpki roots plus
+/// the extra PEM roots, ALPN `http/1.1` only.
+pub(crate) fn tls_connector(extra_roots_pem: &[Vec<u8>]) -> Result<TlsConnector, Error> {
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for pem in extra_roots_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|_| Error::BadCertificate("invalid PEM"))?;
+            roots.add(cert).map_err(|_| Error::BadCertificate("unusable certificate"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(Error::BadCertificate("no certificate found"));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|_| Error::BadCertificate("TLS provider set-up failed"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// A byte stream to an upstream: TLS, or plain TCP for a loopback `http://` URL.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One upstream connection, split so the request body can be sent while
+/// the response head is awaited.
+pub(crate) struct Connection {
+    pub(crate) reader: ReadHalf<Stream>,
+    pub(crate) writer: WriteHalf<Stream>,
+    /// Taken from the pool (so it may have been closed by the upstream).
+    pub(crate) reused: bool,
+}
+
+impl Connection {
+    fn new(stream: Stream) -> Connection {
+        let (reader, writer) = tokio::io::split(stream);
+        Connection { reader, writer, reused: false }
+    }
+
+    /// R4: an idle connection that became readable (stray bytes, EOF, an
+    /// error) is no longer a clean keep-alive connection.
+    fn is_stale(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        !matches!(Pin::new(&mut self.reader).poll_read(&mut cx, &mut buf), Poll::Pending)
+    }
+}
+
+/// An upstream: where to connect, and its idle connections.
+pub(crate) struct Upstream {
+    url: UpstreamUrl,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    idle: Mutex<Vec<(Connection, Instant)>>,
+}
+
+impl Upstream {
+    /// An upstream for `url`, sharing the proxy's TLS connector.
+    pub(crate) fn new(url: &UpstreamUrl, connector: TlsConnector) -> Result<Upstream, Error> {
+        let server_name = ServerName::try_from(url.host.clone())
+            .map_err(|_| Error::BadUrl(url.host.clone(), "not a valid TLS server name"))?;
+        Ok(Upstream { url: url.clone(), server_name, connector, idle: Mutex::new(Vec::new()) })
+    }
+
+    /// The most recently used idle connection that is still clean, if any.
+    pub(crate) fn take_idle(&self, max_age: Duration) -> Option<Connection> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some((mut conn, since)) = idle.pop() {
+            if since.elapsed() < max_age && !conn.is_stale() {
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a clean connection to the pool (R4 is the caller's check).
+    pub(crate) fn put_idle(&self, conn: Connection, max_idle: usize) {
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() >= max_idle {
+                idle.remove(0);
+            }
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// Opens a new connection: DNS and TCP under `connect_timeout`, then the
+    /// TLS handshake (certificate verified before any request byte) under
+    /// `tls_timeout`.
+    pub(crate) async fn connect(&self, limits: &Limits) -> Result<Connection, Refusal> {
+        let tcp = timeout(limits.connect_timeout, self.connect_tcp())
+            .await
+            .map_err(|_| Refusal::GatewayTimeout("upstream connect timed out"))??;
+        if !self.url.tls {
+            return Ok(Connection::new(Stream::Plain(tcp)));
+        }
+        let tls = timeout(limits.tls_timeout, self.connector.connect(self.server_name.clone(), tcp))
+            .await
+            .map_err(|_| Refusal::GatewayTimeout("upstream TLS handshake timed out"))?
+            .map_err(|err| {
+                tracing::warn!(upstream = %self.url.authority, error = %err, "upstream TLS handshake failed");
+                Refusal::BadGateway("upstream TLS handshake failed")
+            })?;
+        Ok(Connection::new(Stream::Tls(Box::new(tls))))
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, Refusal> {
+        let addrs = tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
+            .await
+            .map_err(|_| Refusal::BadGateway("upstream name did not resolve"))?;
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    // Heads and SSE events are small writes that must leave at once.
+                    let _ = tcp.set_nodelay(true);
+                    return Ok(tcp);
+                }
+                Err(err) => last = Some(err),
+            }
+        }
+        if let Some(err) = last {
+            tracing::warn!(upstream = %self.url.authority, error = %err, "upstream connect failed");
+        }
+        Err(Refusal::BadGateway("upstream unreachable"))
+    }
+}
