@@ -58,6 +58,7 @@ def error_body(err_type, message):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # TCP_NODELAY: no 40 ms Nagle/delayed-ACK stalls
     def version_string(self):
         return "fake-anthropic/1"
 

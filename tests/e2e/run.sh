@@ -126,10 +126,14 @@ else
 fi
 [[ -x "$KEYHOLE" ]] || die "keyhole binary" "$KEYHOLE is not executable"
 
+# A port nothing listens on, for a second route whose upstream is down.
+DEAD_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
 # The real key is in keyhole's environment only.
 # shellcheck disable=SC2016 # ${ANTHROPIC_API_KEY} is for keyhole to expand
 ANTHROPIC_API_KEY="$REAL_KEY" "$KEYHOLE" --listen 127.0.0.1:0 --ca-file "$WORK/ca.pem" \
     --route "/=https://127.0.0.1:$FAKE_PORT" --header 'x-api-key=${ANTHROPIC_API_KEY}' \
+    --route "/down=https://127.0.0.1:$DEAD_PORT" --header 'x-api-key=${ANTHROPIC_API_KEY}' \
     > "$WORK/keyhole.out" 2> "$WORK/keyhole.err" &
 KEYHOLE_PID=$!
 PIDS+=("$KEYHOLE_PID")
@@ -226,17 +230,18 @@ check "curl: TRACE gets 405, nothing upstream" \
     "status $code, fake requests before/after: $before/$after"
 
 # 6f. SSE with curl -N: events arrive, and incrementally
-set +e
-"${CURL[@]}" -N -H "x-api-key: $PLACEHOLDER" -H 'Content-Type: application/json' \
-    -d '{"model":"claude-e2e","max_tokens":32,"stream":true,"messages":[{"role":"user","content":"curl stream"}]}' \
-    "$KH/v1/messages" \
-    | "$PY" -u -c '
+sse_curl() { # sse_curl OUT: stream one message through keyhole, timestamping each line
+    curl_ -N -H "x-api-key: $PLACEHOLDER" -H 'Content-Type: application/json' \
+        -d '{"model":"claude-e2e","max_tokens":32,"stream":true,"messages":[{"role":"user","content":"curl stream"}]}' \
+        "$KH/v1/messages" \
+        | "$PY" -u -c '
 import sys, time
 for line in sys.stdin.buffer:
     sys.stdout.write("%.6f %s\n" % (time.time(), line.decode("utf-8", "replace").rstrip("\r\n")))
-' > "$WORK/sse.t"
-set -e
-SSE_WHY=$("$PY" - "$WORK/sse.t" "$WORK/fake.jsonl" 2>&1 <<'EOF'
+' > "$1"
+}
+sse_verify() { # sse_verify OUT: prints why not, exit status 1 if not
+    "$PY" - "$1" "$WORK/fake.jsonl" 2>&1 <<'EOF'
 import json, sys
 lines = [l.rstrip("\n").split(" ", 1) for l in open(sys.argv[1])]
 events = [l[1][len("event: "):] for l in lines if len(l) == 2 and l[1].startswith("event: ")]
@@ -256,7 +261,9 @@ if deltas[0] >= rec["delta_sent_times"][-1]:
 if not rec["saw_real_key"] or rec["placeholder_seen"]:
     sys.exit("fake record %s" % rec)
 EOF
-) && rc=0 || rc=$?
+}
+sse_curl "$WORK/sse.t" || true
+SSE_WHY=$(sse_verify "$WORK/sse.t") && rc=0 || rc=$?
 check "curl -N: SSE events arrive complete and incrementally through keyhole" "$rc" "$SSE_WHY"
 
 # 6g. keep-alive: two requests, one connection
@@ -267,8 +274,52 @@ set -e
 check "curl: two requests reuse one keep-alive client connection" \
     $([[ "$NC" == "404:1 404:0 " ]]; echo $?) "got '$NC' (status:new-connections)"
 
-# ---------------------------------------------------------------- 7. shutdown and logs
+# 6h. keyhole's own refusals: nothing may reach the upstream
+refused() { # refused NAME WANT-STATUS CURL-ARGS...
+    local name=$1 want=$2 before after code
+    shift 2
+    before=$(fake_records)
+    set +e
+    code=$(curl_ -o "$WORK/refused.b" -w '%{http_code}' "$@")
+    set -e
+    after=$(fake_records)
+    check "$name" $([[ "$code" == "$want" && "$before" == "$after" ]]; echo $?) \
+        "status $code (want $want), fake requests before/after: $before/$after, body: $(head -c 120 "$WORK/refused.b" 2>/dev/null)"
+}
+refused "curl: foreign Host (DNS rebinding) gets 403, nothing upstream" 403 \
+    -H 'Host: evil.example' "$KH/v1/models"
+refused "curl: Sec-Fetch-Site: cross-site gets 403, nothing upstream" 403 \
+    -H 'Sec-Fetch-Site: cross-site' "$KH/v1/models"
+refused "curl --path-as-is: /v1/../echo-sha256 gets 400, nothing upstream" 400 \
+    --path-as-is "$KH/v1/../echo-sha256"
+refused "curl --path-as-is: /v1/%2e%2e/echo-sha256 gets 400, nothing upstream" 400 \
+    --path-as-is "$KH/v1/%2e%2e/echo-sha256"
+refused "curl --http1.0 gets 505, nothing upstream" 505 --http1.0 "$KH/v1/models"
+refused "curl: route to a closed upstream port gets 502" 502 "$KH/down/v1/models"
+set +e
+code=$(curl_ -o /dev/null -w '%{http_code}' -H 'Host: localhost' "$KH/localhost-host")
+set -e
+check "curl: Host: localhost is accepted (fake's 404 comes back)" $([[ "$code" == 404 ]]; echo $?) \
+    "status $code"
+
+# 6i. SIGTERM while a stream is in flight: the stream completes, then exit 0
+sse_curl "$WORK/drain.t" &
+DRAIN_CURL=$!
+PIDS+=("$DRAIN_CURL")
+sleep 0.8
 kill -TERM "$KEYHOLE_PID" 2>/dev/null || true
+set +e
+wait "$DRAIN_CURL"
+set -e
+DRAIN_WHY=$(sse_verify "$WORK/drain.t") && rc=0 || rc=$?
+check "SIGTERM during an SSE stream: the stream still completes" "$rc" "$DRAIN_WHY"
+set +e
+code=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "$KH/no/such/after-term" 2>/dev/null)
+set -e
+check "after SIGTERM keyhole accepts no new requests" $([[ "$code" == 000 ]]; echo $?) \
+    "a new request got status $code"
+
+# ---------------------------------------------------------------- 7. shutdown and logs
 KRC=timeout
 for _ in $(seq 100); do
     if ! kill -0 "$KEYHOLE_PID" 2>/dev/null; then
@@ -277,7 +328,7 @@ for _ in $(seq 100); do
     fi
     sleep 0.1
 done
-check "keyhole exits 0 on SIGTERM when idle" $([[ "$KRC" == 0 ]]; echo $?) "exit status $KRC"
+check "keyhole exits 0 after SIGTERM" $([[ "$KRC" == 0 ]]; echo $?) "exit status $KRC"
 check "keyhole stdout is exactly the one 'listening on' line" \
     $([[ "$(cat "$WORK/keyhole.out")" == "$LISTEN_LINE" ]]; echo $?) \
     "stdout: $(head -c 300 "$WORK/keyhole.out")"
