@@ -43,7 +43,11 @@ enum Chunk {
     /// Reading hex digits of a size line.
     Size { digits: u8, size: u64 },
     /// In a chunk extension (after `;` or whitespace following the size).
-    Extension { size: u64, quoted: bool, escaped: bool },
+    Extension {
+        size: u64,
+        quoted: bool,
+        escaped: bool,
+    },
     /// Saw the CR ending a size line.
     SizeLf { size: u64 },
     /// Inside chunk data.
@@ -93,7 +97,13 @@ impl BodyReader {
             Framing::Chunked => State::Chunked(Chunk::Size { digits: 0, size: 0 }),
             Framing::UntilClose => State::UntilClose,
         };
-        BodyReader { state, payload: 0, extension_bytes: 0, trailer_bytes: 0, trailer_lines: 0 }
+        BodyReader {
+            state,
+            payload: 0,
+            extension_bytes: 0,
+            trailer_bytes: 0,
+            trailer_lines: 0,
+        }
     }
 
     /// Has the whole body been consumed?
@@ -106,14 +116,6 @@ impl BodyReader {
         self.payload
     }
 
-    /// Bytes still expected for a Content-Length body, if that is the framing.
-    pub(crate) fn remaining_length(&self) -> Option<u64> {
-        match self.state {
-            State::Length(n) => Some(n),
-            _ => None,
-        }
-    }
-
     /// Marks a close-delimited body complete (the peer closed).
     pub(crate) fn finish_at_close(&mut self) -> bool {
         if self.state == State::UntilClose {
@@ -122,7 +124,7 @@ impl BodyReader {
         self.is_done()
     }
 
-    /// How many leading bytes of `input` belong to a Length or UntilClose
+    /// How many leading bytes of `input` belong to a `Length` or `UntilClose`
     /// body; those pass through unchanged, so the caller may forward them
     /// straight from its buffer. `None` for chunked bodies.
     pub(crate) fn passthrough(&mut self, input: &[u8]) -> Option<usize> {
@@ -130,7 +132,11 @@ impl BodyReader {
             State::Length(n) => {
                 let take = input.len().min(usize::try_from(n).unwrap_or(usize::MAX));
                 let left = n - take as u64;
-                self.state = if left == 0 { State::Done } else { State::Length(left) };
+                self.state = if left == 0 {
+                    State::Done
+                } else {
+                    State::Length(left)
+                };
                 take
             }
             State::UntilClose => input.len(),
@@ -160,12 +166,19 @@ impl BodyReader {
                 i += take;
                 self.payload += take as u64;
                 let left = remaining - take as u64;
-                self.state =
-                    State::Chunked(if left == 0 { Chunk::DataCr } else { Chunk::Data { remaining: left } });
+                self.state = State::Chunked(if left == 0 {
+                    Chunk::DataCr
+                } else {
+                    Chunk::Data { remaining: left }
+                });
                 continue;
             }
             let next = self.step(chunk, input[i], out)?;
-            self.state = if next == Chunk::Done { State::Done } else { State::Chunked(next) };
+            self.state = if next == Chunk::Done {
+                State::Done
+            } else {
+                State::Chunked(next)
+            };
             i += 1;
         }
         Ok(i)
@@ -186,29 +199,56 @@ impl BodyReader {
                         .checked_mul(16)
                         .and_then(|s| s.checked_add(value))
                         .ok_or(bad("chunk size overflows"))?;
-                    Chunk::Size { digits: digits + 1, size }
+                    Chunk::Size {
+                        digits: digits + 1,
+                        size,
+                    }
                 }
                 _ if digits == 0 => return Err(bad("chunk size is not hex")),
                 b'\r' => Chunk::SizeLf { size },
                 b';' | b' ' | b'\t' => {
                     self.count_extension()?;
-                    Chunk::Extension { size, quoted: false, escaped: false }
+                    Chunk::Extension {
+                        size,
+                        quoted: false,
+                        escaped: false,
+                    }
                 }
                 _ => return Err(bad("invalid byte after chunk size")),
             },
-            Chunk::Extension { size, quoted, escaped } => {
+            Chunk::Extension {
+                size,
+                quoted,
+                escaped,
+            } => {
                 self.count_extension()?;
                 // chunk-ext grammar, loosely: tokens, `;`, `=`, BWS and quoted
                 // strings; never a control byte or a bare CR/LF.
-                if is_control(byte) && byte != b'\t' && !(byte == b'\r' && !quoted) {
+                if is_control(byte) && byte != b'\t' && (byte != b'\r' || quoted) {
                     return Err(bad("control byte in chunk extension"));
                 }
                 match (quoted, escaped, byte) {
-                    (true, true, _) => Chunk::Extension { size, quoted, escaped: false },
-                    (true, false, b'\\') => Chunk::Extension { size, quoted, escaped: true },
-                    (true, false, b'"') => Chunk::Extension { size, quoted: false, escaped: false },
+                    (true, true, _) => Chunk::Extension {
+                        size,
+                        quoted,
+                        escaped: false,
+                    },
+                    (true, false, b'\\') => Chunk::Extension {
+                        size,
+                        quoted,
+                        escaped: true,
+                    },
+                    (true, false, b'"') => Chunk::Extension {
+                        size,
+                        quoted: false,
+                        escaped: false,
+                    },
                     (true, false, _) => chunk,
-                    (false, _, b'"') => Chunk::Extension { size, quoted: true, escaped: false },
+                    (false, _, b'"') => Chunk::Extension {
+                        size,
+                        quoted: true,
+                        escaped: false,
+                    },
                     (false, _, b'\r') => Chunk::SizeLf { size },
                     (false, _, b) if is_tchar(b) || b"; \t=".contains(&b) => chunk,
                     (false, _, _) => return Err(bad("invalid byte in chunk extension")),
@@ -321,7 +361,11 @@ mod tests {
             if used == split && !reader.is_done() {
                 used += reader.feed(&input[split..], &mut out).unwrap();
             }
-            assert_eq!((used, &out, reader.payload()), (whole.0, &whole.1, whole.2), "split {split}");
+            assert_eq!(
+                (used, &out, reader.payload()),
+                (whole.0, &whole.1, whole.2),
+                "split {split}"
+            );
         }
         assert!(reader_done(input));
         Ok(whole)
@@ -340,7 +384,8 @@ mod tests {
     #[test]
     fn s10_canonical_reencoding() {
         let (used, out, payload) =
-            decode(b"5;ext=\"a;b\"\r\nhello\r\n00A\r\n0123456789\r\n000\r\nX-T: v\r\n\r\nNEXT").unwrap();
+            decode(b"5;ext=\"a;b\"\r\nhello\r\n00A\r\n0123456789\r\n000\r\nX-T: v\r\n\r\nNEXT")
+                .unwrap();
         assert_eq!(used, 52);
         assert_eq!(out, b"5\r\nhello\r\na\r\n0123456789\r\n0\r\n\r\n");
         assert_eq!(payload, 15);
@@ -389,7 +434,7 @@ mod tests {
         let mut reader = BodyReader::new(Framing::Length(3));
         let mut out = Vec::new();
         assert_eq!(reader.feed(b"ab", &mut out).unwrap(), 2);
-        assert_eq!(reader.remaining_length(), Some(1));
+        assert!(!reader.is_done());
         assert_eq!(reader.feed(b"cdef", &mut out).unwrap(), 1);
         assert!(reader.is_done());
         assert_eq!(out, b"abc");

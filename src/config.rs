@@ -39,8 +39,8 @@ impl Secret {
             let after = &rest[start + 2..];
             let end = after.find('}').ok_or(Error::BadTemplate)?;
             let var = &after[..end];
-            let valid = !var.is_empty()
-                && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            let valid =
+                !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !valid {
                 return Err(Error::BadTemplate);
             }
@@ -147,7 +147,9 @@ fn parse_prefix(prefix: &str) -> Result<String, Error> {
     if !prefix.starts_with('/') {
         return Err(bad("must start with /"));
     }
-    let path_chars = prefix.bytes().all(|b| b.is_ascii_graphic() && !b"?#%\\".contains(&b));
+    let path_chars = prefix
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !b"?#%\\".contains(&b));
     if !path_chars {
         return Err(bad("only plain path characters are allowed"));
     }
@@ -155,7 +157,11 @@ fn parse_prefix(prefix: &str) -> Result<String, Error> {
     if trimmed.contains("//") || trimmed.split('/').any(|s| s == "." || s == "..") {
         return Err(bad("empty or dot segments are not allowed"));
     }
-    Ok(if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() })
+    Ok(if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    })
 }
 
 /// A parsed, validated upstream URL.
@@ -196,12 +202,20 @@ impl UpstreamUrl {
             }
             Some(p) => p,
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         if !tls && !is_loopback(&host) {
-            return Err(bad("http:// is only allowed for loopback hosts; use https://"));
+            return Err(bad(
+                "http:// is only allowed for loopback hosts; use https://",
+            ));
         }
         let path = path.trim_end_matches('/');
-        if path.contains("//") || path.split('/').any(|s| s == "." || s == "..") || path.contains('%') {
+        if path.contains("//")
+            || path.split('/').any(|s| s == "." || s == "..")
+            || path.contains('%')
+        {
             return Err(bad("path with empty, dot or encoded segments"));
         }
         Ok(UpstreamUrl {
@@ -232,7 +246,9 @@ fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     };
     let host_ok = host.starts_with('[')
         || (!host.is_empty()
-            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
     if !host_ok {
         return None;
     }
@@ -248,7 +264,9 @@ fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
 
 fn is_loopback(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Every bound and timeout, with the defaults of the command-line contract.
@@ -316,7 +334,9 @@ mod tests {
     fn secret_debug_is_redacted() {
         let secret = Secret::new("sk-live-123");
         assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
-        let route = Route::new("/", "https://api.example.com").unwrap().header("X-Api-Key", secret);
+        let route = Route::new("/", "https://api.example.com")
+            .unwrap()
+            .header("X-Api-Key", secret);
         assert!(!format!("{route:?}").contains("sk-live"));
     }
 
@@ -326,8 +346,14 @@ mod tests {
         let s = Secret::from_template("Bearer ${KEYHOLE_TEST_TEMPLATE_KEY}!").unwrap();
         assert_eq!(s.expose(), b"Bearer abc!");
         let err = Secret::from_template("${KEYHOLE_TEST_SURELY_UNSET}").unwrap_err();
-        assert_eq!(err.to_string(), "environment variable KEYHOLE_TEST_SURELY_UNSET is not set");
-        assert!(matches!(Secret::from_template("${oops"), Err(Error::BadTemplate)));
+        assert_eq!(
+            err.to_string(),
+            "environment variable KEYHOLE_TEST_SURELY_UNSET is not set"
+        );
+        assert!(matches!(
+            Secret::from_template("${oops"),
+            Err(Error::BadTemplate)
+        ));
         std::env::set_var("KEYHOLE_TEST_TEMPLATE_CRLF", "a\r\nx-evil: 1");
         let err = Secret::from_template("${KEYHOLE_TEST_TEMPLATE_CRLF}").unwrap_err();
         assert!(err.to_string().contains("KEYHOLE_TEST_TEMPLATE_CRLF"));
@@ -337,10 +363,16 @@ mod tests {
     #[test]
     fn urls() {
         let u = UpstreamUrl::parse("https://api.openai.com/v1/").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("api.openai.com", 443, "/v1"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("api.openai.com", 443, "/v1")
+        );
         assert_eq!(u.authority, "api.openai.com");
         let u = UpstreamUrl::parse("https://127.0.0.1:8443").unwrap();
-        assert_eq!((u.port, u.authority.as_str(), u.path.as_str()), (8443, "127.0.0.1:8443", ""));
+        assert_eq!(
+            (u.port, u.authority.as_str(), u.path.as_str()),
+            (8443, "127.0.0.1:8443", "")
+        );
         let u = UpstreamUrl::parse("http://[::1]:80/x").unwrap();
         assert_eq!((u.host.as_str(), u.tls), ("::1", false));
         for bad in [
@@ -368,11 +400,17 @@ mod tests {
 
     #[test]
     fn header_validation() {
-        let ok = Route::new("/", "https://h").unwrap().header("x-api-key", Secret::new("k"));
+        let ok = Route::new("/", "https://h")
+            .unwrap()
+            .header("x-api-key", Secret::new("k"));
         assert!(ok.validate().is_ok());
-        let bad = Route::new("/", "https://h").unwrap().header("x api", Secret::new("k"));
+        let bad = Route::new("/", "https://h")
+            .unwrap()
+            .header("x api", Secret::new("k"));
         assert!(matches!(bad.validate(), Err(Error::BadHeaderName(_))));
-        let bad = Route::new("/", "https://h").unwrap().header("x", Secret::new("a\nb"));
+        let bad = Route::new("/", "https://h")
+            .unwrap()
+            .header("x", Secret::new("a\nb"));
         let err = bad.validate().unwrap_err();
         assert!(!err.to_string().contains("a\nb"));
     }

@@ -70,7 +70,11 @@ impl Record {
 
 /// Serves one client connection until it closes, errs, idles out or the
 /// server shuts down.
-pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<Phase>,
+) {
     let _ = stream.set_nodelay(true);
     let mut input = InBuf::default();
     loop {
@@ -98,7 +102,12 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, mut phase:
     }
 }
 
-async fn handle_request(stream: &mut TcpStream, input: &mut InBuf, shared: &Shared, draining: bool) -> Next {
+async fn handle_request(
+    stream: &mut TcpStream,
+    input: &mut InBuf,
+    shared: &Shared,
+    draining: bool,
+) -> Next {
     let limits = &shared.limits;
     let mut record = Record {
         method: String::from("-"),
@@ -112,10 +121,17 @@ async fn handle_request(stream: &mut TcpStream, input: &mut InBuf, shared: &Shar
     // S15: the head timeout runs from the first byte and is not reset by trickling.
     let deadline = tokio::time::Instant::now() + limits.head_timeout;
     let max_headers = limits.max_headers.min(HEADER_ARRAY_LEN);
-    let head_len = match timeout_at(deadline, relay::read_head(stream, input, limits.max_head_bytes, max_headers)).await {
+    let head_len = match timeout_at(
+        deadline,
+        relay::read_head(stream, input, limits.max_head_bytes, max_headers),
+    )
+    .await
+    {
         Ok(Ok(n)) => n,
-        Ok(Err(HeadError::Invalid(refusal))) => return refuse(stream, refusal, &mut record, shared).await,
-        Ok(Err(HeadError::Closed { .. } | HeadError::Io)) => return Next::Close,
+        Ok(Err(HeadError::Invalid(refusal))) => {
+            return refuse(stream, refusal, &mut record, shared).await
+        }
+        Ok(Err(HeadError::Closed | HeadError::Io)) => return Next::Close,
         Err(_) => return refuse(stream, Refusal::RequestTimeout, &mut record, shared).await,
     };
     let forward = {
@@ -150,7 +166,12 @@ async fn handle_request(stream: &mut TcpStream, input: &mut InBuf, shared: &Shar
 /// Sends a generated response, then closes (S14). Lingers briefly reading
 /// what the client still sends, so the close does not turn into a reset
 /// that destroys the response before the client reads it.
-async fn refuse(stream: &mut TcpStream, refusal: Refusal, record: &mut Record, shared: &Shared) -> Next {
+async fn refuse(
+    stream: &mut TcpStream,
+    refusal: Refusal,
+    record: &mut Record,
+    shared: &Shared,
+) -> Next {
     /// How long and how much to read after a refusal before closing.
     const LINGER: Duration = Duration::from_secs(2);
     const LINGER_BYTES: usize = 1024 * 1024;
@@ -193,7 +214,10 @@ async fn exchange(
 ) -> Result<Next, Refusal> {
     let limits = &shared.limits;
     let idle = limits.idle_timeout;
-    let upstream = shared.upstreams.get(forward.route()).ok_or(Refusal::BadGateway("no upstream"))?;
+    let upstream = shared
+        .upstreams
+        .get(forward.route())
+        .ok_or(Refusal::BadGateway("no upstream"))?;
     let mut request_body = BodyReader::new(forward.framing());
     let expect_continue = forward.expect_continue();
     let is_head = forward.is_head();
@@ -203,7 +227,10 @@ async fn exchange(
     if !input.is_empty() && !request_body.is_done() {
         let n = request_body.feed(input.data(), out).map_err(body_refusal)?;
         input.consume(n);
-        if limits.max_body_bytes.is_some_and(|max| request_body.payload() > max) {
+        if limits
+            .max_body_bytes
+            .is_some_and(|max| request_body.payload() > max)
+        {
             return Err(Refusal::PayloadTooLarge);
         }
     }
@@ -211,7 +238,9 @@ async fn exchange(
     out.clear();
 
     if expect_continue && !request_body.is_done() && input.is_empty() {
-        relay::write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n", idle).await.map_err(|_| Refusal::RequestTimeout)?;
+        relay::write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n", idle)
+            .await
+            .map_err(|_| Refusal::RequestTimeout)?;
     }
 
     let (mut client_reader, mut client_writer) = stream.split();
@@ -263,7 +292,8 @@ async fn exchange(
 
     // From here on the client has (or may have) bytes of the response: a
     // failure can only close the connection, never produce a new status.
-    let client_close = !request_complete || response.close || response.framing == Framing::UntilClose;
+    let client_close =
+        !request_complete || response.close || response.framing == Framing::UntilClose;
     let mut out = response.head;
     if client_close || forward.close() {
         out.extend_from_slice(b"connection: close\r\n");
@@ -271,35 +301,63 @@ async fn exchange(
     out.extend_from_slice(b"\r\n");
     out.reserve(BUF_SIZE.min(4096));
     let mut response_body = BodyReader::new(response.framing);
-    let relayed = relay::pump(&mut conn.reader, &mut response_in, &mut client_writer, &mut response_body, &mut out, idle, None).await;
+    let relayed = relay::pump(
+        &mut conn.reader,
+        &mut response_in,
+        &mut client_writer,
+        &mut response_body,
+        &mut out,
+        idle,
+        None,
+    )
+    .await;
     record.bytes_out = response_body.payload();
     if let Err(err) = relayed {
         tracing::debug!(?err, "response relay stopped");
-        record.status = if matches!(err, PumpError::SinkIo | PumpError::SinkTimeout) { 499 } else { 502 };
+        record.status = if matches!(err, PumpError::SinkIo | PumpError::SinkTimeout) {
+            499
+        } else {
+            502
+        };
         return Ok(Next::Close);
     }
     // R4: only a connection whose exchange ended cleanly goes back.
     if request_complete && !response.close && response_in.is_empty() {
         upstream.put_idle(conn, limits.pool_max_idle);
     }
-    Ok(if client_close { Next::Close } else { Next::KeepAlive })
+    Ok(if client_close {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    })
 }
 
 /// Takes an idle connection or opens one, and sends the first bytes. A
 /// pooled connection the upstream closed meanwhile fails that first write;
 /// then, since the bytes are all still here, a fresh connection gets them.
-async fn open_and_send(upstream: &Upstream, limits: &Limits, first: &[u8]) -> Result<Connection, Refusal> {
+async fn open_and_send(
+    upstream: &Upstream,
+    limits: &Limits,
+    first: &[u8],
+) -> Result<Connection, Refusal> {
     if let Some(mut conn) = upstream.take_idle(limits.pool_idle_timeout) {
-        if send_first(&mut conn, first, limits.idle_timeout).await.is_ok() {
+        if send_first(&mut conn, first, limits.idle_timeout)
+            .await
+            .is_ok()
+        {
             return Ok(conn);
         }
         tracing::debug!("pooled upstream connection was closed; retrying on a new one");
     }
     let mut conn = upstream.connect(limits).await?;
-    send_first(&mut conn, first, limits.idle_timeout).await.map_err(|err| match err {
-        PumpError::SinkTimeout => Refusal::GatewayTimeout("upstream stopped reading the request"),
-        _ => Refusal::BadGateway("upstream connection failed"),
-    })?;
+    send_first(&mut conn, first, limits.idle_timeout)
+        .await
+        .map_err(|err| match err {
+            PumpError::SinkTimeout => {
+                Refusal::GatewayTimeout("upstream stopped reading the request")
+            }
+            _ => Refusal::BadGateway("upstream connection failed"),
+        })?;
     Ok(conn)
 }
 
@@ -323,17 +381,28 @@ struct Response {
 
 /// Reads response heads until a final one (R1: interim 1xx are swallowed,
 /// at most `MAX_INTERIM_RESPONSES`; keyhole sends its own 100 Continue).
-async fn read_final_head<R>(reader: &mut R, input: &mut InBuf, is_head: bool) -> Result<Response, Refusal>
+async fn read_final_head<R>(
+    reader: &mut R,
+    input: &mut InBuf,
+    is_head: bool,
+) -> Result<Response, Refusal>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
     for _ in 0..=MAX_INTERIM_RESPONSES {
-        let head_len = relay::read_head(reader, input, crate::config::DEFAULT_MAX_HEAD_BYTES, HEADER_ARRAY_LEN - 1)
-            .await
-            .map_err(|err| match err {
-                HeadError::Invalid(_) => Refusal::BadGateway("malformed upstream response head"),
-                HeadError::Closed { .. } | HeadError::Io => Refusal::BadGateway("upstream closed without a response"),
-            })?;
+        let head_len = relay::read_head(
+            reader,
+            input,
+            crate::config::DEFAULT_MAX_HEAD_BYTES,
+            HEADER_ARRAY_LEN - 1,
+        )
+        .await
+        .map_err(|err| match err {
+            HeadError::Invalid(_) => Refusal::BadGateway("malformed upstream response head"),
+            HeadError::Closed | HeadError::Io => {
+                Refusal::BadGateway("upstream closed without a response")
+            }
+        })?;
         let mut storage = head::header_array();
         let res = head::parse_response(&input.data()[..head_len], &mut storage, is_head)?;
         if res.status < 200 {
@@ -342,7 +411,12 @@ where
         }
         let mut head = Vec::with_capacity(head_len + 64);
         head::write_response_head(&mut head, &res);
-        let response = Response { head, status: res.status, framing: res.framing, close: res.close };
+        let response = Response {
+            head,
+            status: res.status,
+            framing: res.framing,
+            close: res.close,
+        };
         input.consume(head_len);
         return Ok(response);
     }

@@ -33,7 +33,11 @@ impl From<Framing> for BodyFraming {
 /// `Ok(Some(n))`: the head is the first `n` bytes; `Ok(None)`: incomplete;
 /// `Err(status)`: refused with that status.
 pub fn scan_head(bytes: &[u8]) -> Result<Option<usize>, u16> {
-    match HeadScan::default().scan(bytes, crate::config::DEFAULT_MAX_HEAD_BYTES, crate::config::DEFAULT_MAX_HEADERS) {
+    match HeadScan::default().scan(
+        bytes,
+        crate::config::DEFAULT_MAX_HEAD_BYTES,
+        crate::config::DEFAULT_MAX_HEADERS,
+    ) {
         Ok(Scan::Complete(n)) => Ok(Some(n)),
         Ok(Scan::Partial) => Ok(None),
         Err(r) => Err(r.status()),
@@ -44,8 +48,11 @@ pub fn scan_head(bytes: &[u8]) -> Result<Option<usize>, u16> {
 /// and framing; the error is the status keyhole would answer.
 pub fn parse_request(head_bytes: &[u8]) -> Result<(String, String, BodyFraming), u16> {
     let mut storage = head::header_array();
-    let req = head::parse_request(head_bytes, &mut storage[..crate::config::DEFAULT_MAX_HEADERS])
-        .map_err(Refusal::status)?;
+    let req = head::parse_request(
+        head_bytes,
+        &mut storage[..crate::config::DEFAULT_MAX_HEADERS],
+    )
+    .map_err(Refusal::status)?;
     let framing = req.framing.map_err(Refusal::status)?;
     Ok((req.method.to_owned(), req.target.to_owned(), framing.into()))
 }
@@ -58,7 +65,9 @@ pub fn decode_chunked(pieces: &[&[u8]]) -> Result<(usize, Vec<u8>, u64, bool), &
     let mut out = Vec::new();
     let mut used = 0;
     for piece in pieces {
-        let n = reader.feed(piece, &mut out).map_err(|e| e.reason())?;
+        let n = reader
+            .feed(piece, &mut out)
+            .map_err(crate::body::BodyError::reason)?;
         used += n;
         if reader.is_done() {
             break;

@@ -172,9 +172,9 @@ pub(crate) fn parse_request<'h, 'b>(
     let mut browser = false;
     let mut close = false;
     let mut expect = Expect::None;
-    let mut lengths = 0;
+    let mut lengths = 0u32;
     let mut length = None;
-    let mut codings = 0;
+    let mut codings = 0u32;
     let mut chunked = false;
     for h in headers {
         let name = h.name.as_bytes();
@@ -213,7 +213,9 @@ pub(crate) fn parse_request<'h, 'b>(
             } else {
                 Expect::Other
             };
-        } else if h.name.eq_ignore_ascii_case("origin") || h.name.eq_ignore_ascii_case("sec-fetch-site") {
+        } else if h.name.eq_ignore_ascii_case("origin")
+            || h.name.eq_ignore_ascii_case("sec-fetch-site")
+        {
             browser = true; // B1
         } else if (h.name.eq_ignore_ascii_case("x-api-key")
             || h.name.eq_ignore_ascii_case("authorization"))
@@ -229,20 +231,6 @@ pub(crate) fn parse_request<'h, 'b>(
         (1, _) => return Err(Refusal::BadRequest("invalid Host header")),
         _ => return Err(Refusal::BadRequest("more than one Host header")),
     };
-    // S9: at most one framing header, each exactly once and exactly valid.
-    let framing = match (lengths, codings) {
-        (0, 0) => Ok(Framing::Empty),
-        (1, 0) => match length {
-            Some(0) => Ok(Framing::Empty),
-            Some(n) => Ok(Framing::Length(n)),
-            None => Err(Refusal::BadRequest("invalid Content-Length")),
-        },
-        (0, 1) if chunked => Ok(Framing::Chunked),
-        (0, 1) => Err(Refusal::BadRequest("Transfer-Encoding other than chunked")),
-        (0, _) => Err(Refusal::BadRequest("more than one Transfer-Encoding")),
-        (_, 0) => Err(Refusal::BadRequest("more than one Content-Length")),
-        _ => Err(Refusal::BadRequest("both Content-Length and Transfer-Encoding")),
-    };
     Ok(RequestHead {
         method,
         target,
@@ -253,8 +241,32 @@ pub(crate) fn parse_request<'h, 'b>(
         trace: method == "TRACE",
         close,
         expect,
-        framing,
+        framing: request_framing(lengths, length, codings, chunked),
     })
+}
+
+/// S9: at most one framing header, each exactly once and exactly valid.
+fn request_framing(
+    lengths: u32,
+    length: Option<u64>,
+    codings: u32,
+    chunked: bool,
+) -> Result<Framing, Refusal> {
+    match (lengths, codings) {
+        (0, 0) => Ok(Framing::Empty),
+        (1, 0) => match length {
+            Some(0) => Ok(Framing::Empty),
+            Some(n) => Ok(Framing::Length(n)),
+            None => Err(Refusal::BadRequest("invalid Content-Length")),
+        },
+        (0, 1) if chunked => Ok(Framing::Chunked),
+        (0, 1) => Err(Refusal::BadRequest("Transfer-Encoding other than chunked")),
+        (0, _) => Err(Refusal::BadRequest("more than one Transfer-Encoding")),
+        (_, 0) => Err(Refusal::BadRequest("more than one Content-Length")),
+        _ => Err(Refusal::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        )),
+    }
 }
 
 /// S1: a request line `METHOD SP TARGET SP HTTP/x.y` with any version but
@@ -289,7 +301,10 @@ fn check_target(target: &str) -> Result<usize, Refusal> {
     if bytes.starts_with(b"//") {
         return Err(Refusal::BadRequest("request target starts with //"));
     }
-    if bytes.iter().any(|&b| !(0x21..=0x7e).contains(&b) || b == b'#') {
+    if bytes
+        .iter()
+        .any(|&b| !(0x21..=0x7e).contains(&b) || b == b'#')
+    {
         return Err(Refusal::BadRequest("invalid byte in request target"));
     }
     let path_len = bytes.iter().position(|&b| b == b'?').unwrap_or(bytes.len());
@@ -342,7 +357,11 @@ fn valid_host(host: &[u8]) -> bool {
             return false;
         };
         let literal = &host[1..end];
-        if literal.is_empty() || !literal.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
             return false;
         }
         match &host[end + 1..] {
@@ -395,14 +414,23 @@ pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
 
 /// Strips leading and trailing SP/HTAB (RFC 9110 §5.5 OWS).
 pub(crate) fn trim(value: &[u8]) -> &[u8] {
-    let start = value.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(value.len());
-    let end = value.iter().rposition(|&b| b != b' ' && b != b'\t').map_or(start, |i| i + 1);
+    let start = value
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(start, |i| i + 1);
     &value[start..end]
 }
 
 /// The elements of a comma-separated list, trimmed, empty ones skipped.
 pub(crate) fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(trim).filter(|item| !item.is_empty())
+    value
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|item| !item.is_empty())
 }
 
 fn httparse_reason(err: httparse::Error) -> &'static str {
@@ -482,13 +510,19 @@ pub(crate) fn parse_response<'h, 'b>(
     match (lengths, codings) {
         (0 | 1, 0) | (0, 1) => {}
         (_, 0) | (0, _) => return Err(Refusal::BadGateway("duplicate upstream framing header")),
-        _ => return Err(Refusal::BadGateway("upstream sent Content-Length and Transfer-Encoding")),
+        _ => {
+            return Err(Refusal::BadGateway(
+                "upstream sent Content-Length and Transfer-Encoding",
+            ))
+        }
     }
     if lengths == 1 && length.is_none() {
         return Err(Refusal::BadGateway("invalid upstream Content-Length"));
     }
     if codings == 1 && (!chunked || version == 0) {
-        return Err(Refusal::BadGateway("upstream Transfer-Encoding other than chunked"));
+        return Err(Refusal::BadGateway(
+            "upstream Transfer-Encoding other than chunked",
+        ));
     }
     let framing = if request_was_head || status < 200 || status == 204 || status == 304 {
         Framing::Empty
@@ -504,7 +538,14 @@ pub(crate) fn parse_response<'h, 'b>(
         close = true;
         Framing::UntilClose
     };
-    Ok(ResponseHead { status, reason, headers, framing, close, length })
+    Ok(ResponseHead {
+        status,
+        reason,
+        headers,
+        framing,
+        close,
+        length,
+    })
 }
 
 /// Hop-by-hop and framing fields keyhole never relays from one side to the
@@ -641,7 +682,10 @@ mod tests {
 
     #[test]
     fn one_leading_empty_line_tolerated() {
-        assert!(matches!(scan_all(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(Scan::Complete(_))));
+        assert!(matches!(
+            scan_all(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Scan::Complete(_))
+        ));
         assert!(scan_all(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert!(parse(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());
     }
@@ -650,26 +694,59 @@ mod tests {
     fn s1_versions() {
         for v in ["HTTP/1.0", "HTTP/2.0", "HTTP/0.9", "HTTP/3.0"] {
             let req = format!("GET / {v}\r\nHost: a\r\n\r\n");
-            assert_eq!(parse(req.as_bytes()).unwrap_err(), Refusal::VersionNotSupported, "{v}");
+            assert_eq!(
+                parse(req.as_bytes()).unwrap_err(),
+                Refusal::VersionNotSupported,
+                "{v}"
+            );
         }
         assert_eq!(
             parse(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap_err(),
             Refusal::VersionNotSupported
         );
-        assert!(matches!(parse(b"GET /\r\n\r\n"), Err(Refusal::BadRequest(_))));
-        assert!(matches!(parse(b"GET / HTTP/1.1x\r\nHost: a\r\n\r\n"), Err(Refusal::BadRequest(_))));
+        assert!(matches!(
+            parse(b"GET /\r\n\r\n"),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1x\r\nHost: a\r\n\r\n"),
+            Err(Refusal::BadRequest(_))
+        ));
     }
 
     #[test]
     fn s2_s3_s4_targets() {
         for target in [
-            "http://a/x", "a:443", "*", "//x", "/a/../b", "/a/./b", "/a/%2e%2E/b", "/a/..;x/b",
-            "/a%2fb", "/a%5Cb", "/a\\b", "/a%zz", "/a%2", "/..", "/a#f",
+            "http://a/x",
+            "a:443",
+            "*",
+            "//x",
+            "/a/../b",
+            "/a/./b",
+            "/a/%2e%2E/b",
+            "/a/..;x/b",
+            "/a%2fb",
+            "/a%5Cb",
+            "/a\\b",
+            "/a%zz",
+            "/a%2",
+            "/..",
+            "/a#f",
         ] {
             let req = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
-            assert!(matches!(parse(req.as_bytes()), Err(Refusal::BadRequest(_))), "{target}");
+            assert!(
+                matches!(parse(req.as_bytes()), Err(Refusal::BadRequest(_))),
+                "{target}"
+            );
         }
-        for target in ["/", "/a/b?x=../..", "/a/.well-known", "/a/...", "/a%20b", "/v1/messages?beta=true"] {
+        for target in [
+            "/",
+            "/a/b?x=../..",
+            "/a/.well-known",
+            "/a/...",
+            "/a%20b",
+            "/v1/messages?beta=true",
+        ] {
             let req = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
             assert!(parse(req.as_bytes()).is_ok(), "{target}");
         }
@@ -714,7 +791,10 @@ mod tests {
         let f = |h: &str| parse(format!("POST / HTTP/1.1\r\nHost: a\r\n{h}\r\n").as_bytes());
         assert_eq!(f("Content-Length: 5\r\n").unwrap().0, Framing::Length(5));
         assert_eq!(f("Content-Length: 0\r\n").unwrap().0, Framing::Empty);
-        assert_eq!(f("Transfer-Encoding: Chunked\r\n").unwrap().0, Framing::Chunked);
+        assert_eq!(
+            f("Transfer-Encoding: Chunked\r\n").unwrap().0,
+            Framing::Chunked
+        );
         assert_eq!(f("").unwrap().0, Framing::Empty);
         for bad in [
             "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
@@ -749,8 +829,11 @@ mod tests {
         assert!(head.close);
         assert_eq!(head.expect, Expect::Continue);
         let mut storage = header_array();
-        let head =
-            parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: foo\r\n\r\n", &mut storage).unwrap();
+        let head = parse_request(
+            b"GET / HTTP/1.1\r\nHost: a\r\nExpect: foo\r\n\r\n",
+            &mut storage,
+        )
+        .unwrap();
         assert_eq!(head.expect, Expect::Other);
     }
 
@@ -767,20 +850,37 @@ mod tests {
             (200, Framing::Length(3), false)
         );
         assert_eq!(
-            response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true).unwrap().1,
+            response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true)
+                .unwrap()
+                .1,
             Framing::Empty
         );
-        assert_eq!(response(b"HTTP/1.1 204 No\r\n\r\n", false).unwrap().1, Framing::Empty);
-        assert_eq!(response(b"HTTP/1.1 304 NM\r\n\r\n", false).unwrap().1, Framing::Empty);
+        assert_eq!(
+            response(b"HTTP/1.1 204 No\r\n\r\n", false).unwrap().1,
+            Framing::Empty
+        );
+        assert_eq!(
+            response(b"HTTP/1.1 304 NM\r\n\r\n", false).unwrap().1,
+            Framing::Empty
+        );
         assert_eq!(
             response(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap(),
             (200, Framing::UntilClose, true)
         );
         assert_eq!(
-            response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", false).unwrap().1,
+            response(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                false
+            )
+            .unwrap()
+            .1,
             Framing::Chunked
         );
-        assert!(response(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap().2);
+        assert!(
+            response(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false)
+                .unwrap()
+                .2
+        );
         for bad in [
             &b"HTTP/1.1 101 Switching\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -792,7 +892,11 @@ mod tests {
             b"HTTP/2.0 200 OK\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nX: a\x00\r\n\r\n",
         ] {
-            assert!(response(bad, false).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                response(bad, false).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -807,6 +911,9 @@ mod tests {
         .unwrap();
         let mut out = Vec::new();
         write_response_head(&mut out, &r);
-        assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Type: a\r\ntransfer-encoding: chunked\r\n");
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nContent-Type: a\r\ntransfer-encoding: chunked\r\n"
+        );
     }
 }

@@ -52,7 +52,7 @@
 //! TLS certificates are verified against the webpki roots (plus any CA the
 //! operator adds), and that the configured upstreams never echo request
 //! headers back. It does not filter what the sandbox asks the API to do, rate
-//! limit, tunnel WebSockets or HTTP/2, or protect a key from the upstream itself.
+//! limit, tunnel `WebSocket` or HTTP/2, or protect a key from the upstream itself.
 //!
 //! # Life of a request
 //!

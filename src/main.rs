@@ -42,7 +42,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(cli.log_level).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(cli.log_level)
+        .init();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.threads {
         runtime.worker_threads(threads);
@@ -96,7 +99,10 @@ async fn run(cli: Cli) -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers, run until killed.
         std::future::pending::<()>().await;
         return;
@@ -121,36 +127,47 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String>
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.to_owned())),
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
             _ => (arg.clone(), None),
         };
         if flag == "--help" || flag == "-h" {
             return Ok(None);
         }
         let mut value = || -> Result<String, String> {
-            inline.clone().or_else(|| args.next()).ok_or_else(|| format!("{flag} needs a value"))
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
         };
         match flag.as_str() {
             "--listen" => {
                 let v = value()?;
-                cli.listen = v.parse().map_err(|_| format!("--listen {v}: not an IP:PORT address"))?;
+                cli.listen = v
+                    .parse()
+                    .map_err(|_| format!("--listen {v}: not an IP:PORT address"))?;
             }
             "--route" => {
                 let v = value()?;
-                let (prefix, url) =
-                    v.split_once('=').ok_or_else(|| format!("--route {v}: expected PREFIX=URL"))?;
-                cli.routes.push(Route::new(prefix, url).map_err(|e| e.to_string())?);
+                let (prefix, url) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--route {v}: expected PREFIX=URL"))?;
+                cli.routes
+                    .push(Route::new(prefix, url).map_err(|e| e.to_string())?);
             }
             "--header" => {
                 let v = value()?;
                 let (name, template) = v.split_once('=').ok_or("--header: expected NAME=VALUE")?;
-                let secret = Secret::from_template(template).map_err(|e| format!("--header {name}: {e}"))?;
+                let secret =
+                    Secret::from_template(template).map_err(|e| format!("--header {name}: {e}"))?;
                 let route = cli.routes.pop().ok_or("--header must follow a --route")?;
                 cli.routes.push(route.header(name, secret));
             }
             "--client-key" => {
                 let v = value()?;
-                cli.client_key = Some(Secret::from_template(&v).map_err(|e| format!("--client-key: {e}"))?);
+                cli.client_key =
+                    Some(Secret::from_template(&v).map_err(|e| format!("--client-key: {e}"))?);
             }
             "--allow-host" => cli.allow_hosts.push(value()?),
             "--ca-file" => cli.ca_files.push(value()?),
@@ -170,7 +187,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String>
             "--threads" => cli.threads = Some(number(&flag, &value()?)?),
             "--log-level" => {
                 let v = value()?;
-                cli.log_level = v.parse().map_err(|_| format!("--log-level {v}: use error, warn, info, debug or trace"))?;
+                cli.log_level = v.parse().map_err(|_| {
+                    format!("--log-level {v}: use error, warn, info, debug or trace")
+                })?;
             }
             _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
         }
@@ -181,7 +200,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String>
         cli.routes.push(route.header("x-api-key", secret));
     }
     if cli.routes.is_empty() {
-        return Err(format!("no route given and ANTHROPIC_API_KEY is not set\n{USAGE}"));
+        return Err(format!(
+            "no route given and ANTHROPIC_API_KEY is not set\n{USAGE}"
+        ));
     }
     Ok(Some(cli))
 }
@@ -199,5 +220,7 @@ fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("{flag} {value}: expected a number"));
     }
-    value.parse().map_err(|_| format!("{flag} {value}: number out of range"))
+    value
+        .parse()
+        .map_err(|_| format!("{flag} {value}: number out of range"))
 }

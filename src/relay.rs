@@ -56,7 +56,10 @@ impl InBuf {
     }
 
     /// Reads once from `src`, appending; returns 0 at end of stream.
-    pub(crate) async fn read_from<R: AsyncRead + Unpin>(&mut self, src: &mut R) -> io::Result<usize> {
+    pub(crate) async fn read_from<R: AsyncRead + Unpin>(
+        &mut self,
+        src: &mut R,
+    ) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < MIN_READ {
             if self.pos > 0 {
                 self.buf.drain(..self.pos);
@@ -75,8 +78,8 @@ impl InBuf {
 pub(crate) enum HeadError {
     /// The bytes break a rule; answer with this.
     Invalid(Refusal),
-    /// The peer closed; `mid_head` if part of a head had arrived.
-    Closed { mid_head: bool },
+    /// The peer closed before a complete head.
+    Closed,
     /// The socket failed.
     Io,
 }
@@ -92,13 +95,16 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin>(
     let mut scan = HeadScan::default();
     loop {
         if !input.is_empty() {
-            match scan.scan(input.data(), max_bytes, max_lines).map_err(HeadError::Invalid)? {
+            match scan
+                .scan(input.data(), max_bytes, max_lines)
+                .map_err(HeadError::Invalid)?
+            {
                 Scan::Complete(n) => return Ok(n),
                 Scan::Partial => {}
             }
         }
         match input.read_from(src).await {
-            Ok(0) => return Err(HeadError::Closed { mid_head: !input.is_empty() }),
+            Ok(0) => return Err(HeadError::Closed),
             Ok(_) => {}
             Err(_) => return Err(HeadError::Io),
         }
@@ -125,7 +131,11 @@ pub(crate) enum PumpError {
 }
 
 /// Writes all of `bytes` under the idle timeout.
-pub(crate) async fn write_all<W: AsyncWrite + Unpin>(dst: &mut W, bytes: &[u8], idle: Duration) -> Result<(), PumpError> {
+pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    bytes: &[u8],
+    idle: Duration,
+) -> Result<(), PumpError> {
     match timeout(idle, dst.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(PumpError::SinkIo),
@@ -188,7 +198,11 @@ where
             Err(_) => return Err(PumpError::SourceTimeout),
             Ok(Err(_)) => return Err(PumpError::SourceIo),
             Ok(Ok(0)) => {
-                return if body.finish_at_close() { Ok(()) } else { Err(PumpError::SourceClosed) };
+                return if body.finish_at_close() {
+                    Ok(())
+                } else {
+                    Err(PumpError::SourceClosed)
+                };
             }
             Ok(Ok(_)) => {}
         }
@@ -226,7 +240,17 @@ mod tests {
             let mut dst = Vec::new();
             let mut out = b"HEAD\r\n".to_vec();
             let mut body = BodyReader::new(Framing::Chunked);
-            pump(&mut src, &mut input, &mut dst, &mut body, &mut out, Duration::from_secs(5), None).await.unwrap();
+            pump(
+                &mut src,
+                &mut input,
+                &mut dst,
+                &mut body,
+                &mut out,
+                Duration::from_secs(5),
+                None,
+            )
+            .await
+            .unwrap();
             assert_eq!(dst, b"HEAD\r\n3\r\nabc\r\n0\r\n\r\n", "split {split}");
             let mut rest = input.data().to_vec();
             while let Ok(n) = input.read_from(&mut src).await {
@@ -245,9 +269,17 @@ mod tests {
         let mut input = InBuf::default();
         let mut dst = Vec::new();
         let mut body = BodyReader::new(Framing::Length(20));
-        let err = pump(&mut src, &mut input, &mut dst, &mut body, &mut Vec::new(), Duration::from_secs(5), None)
-            .await
-            .unwrap_err();
+        let err = pump(
+            &mut src,
+            &mut input,
+            &mut dst,
+            &mut body,
+            &mut Vec::new(),
+            Duration::from_secs(5),
+            None,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err, PumpError::SourceClosed);
         assert_eq!(dst, b"hello wor");
     }
@@ -258,7 +290,7 @@ mod tests {
         let mut input = InBuf::default();
         assert!(matches!(
             read_head(&mut src, &mut input, 1024, 10).await,
-            Err(HeadError::Closed { mid_head: true })
+            Err(HeadError::Closed)
         ));
     }
 }

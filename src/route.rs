@@ -38,7 +38,10 @@ impl Drop for Forward {
 
 impl std::fmt::Debug for Forward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Forward").field("route", &self.route).field("framing", &self.framing).finish_non_exhaustive()
+        f.debug_struct("Forward")
+            .field("route", &self.route)
+            .field("framing", &self.framing)
+            .finish_non_exhaustive()
     }
 }
 
@@ -72,9 +75,17 @@ impl Forward {
 
 impl RouteTable {
     /// Builds the table; routes are matched longest prefix first.
-    pub(crate) fn new(mut routes: Vec<Route>, client_key: Option<Secret>, allowed_hosts: Vec<String>) -> RouteTable {
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
-        RouteTable { routes, client_key, allowed_hosts }
+    pub(crate) fn new(
+        mut routes: Vec<Route>,
+        client_key: Option<Secret>,
+        allowed_hosts: Vec<String>,
+    ) -> RouteTable {
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        RouteTable {
+            routes,
+            client_key,
+            allowed_hosts,
+        }
     }
 
     /// The routes in match order (index = `Forward::route`).
@@ -89,7 +100,11 @@ impl RouteTable {
 
     /// Runs the policy checks in the contract's order and rewrites the head.
     /// `max_body` is the optional body limit (413).
-    pub(crate) fn forward(&self, req: &RequestHead<'_, '_>, max_body: Option<u64>) -> Result<Forward, Refusal> {
+    pub(crate) fn forward(
+        &self,
+        req: &RequestHead<'_, '_>,
+        max_body: Option<u64>,
+    ) -> Result<Forward, Refusal> {
         // B1, B2: a web page in the host's browser, or DNS rebinding.
         if req.browser {
             return Err(Refusal::Forbidden("browser requests are refused"));
@@ -121,9 +136,14 @@ impl RouteTable {
         for name in head::nominated(req.headers) {
             let protected = [&b"host"[..], b"content-length", b"transfer-encoding"];
             if protected.iter().any(|p| name.eq_ignore_ascii_case(p))
-                || route.headers.iter().any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+                || route
+                    .headers
+                    .iter()
+                    .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
             {
-                return Err(Refusal::BadRequest("Connection nominates a protected header"));
+                return Err(Refusal::BadRequest(
+                    "Connection nominates a protected header",
+                ));
             }
         }
         Ok(Forward {
@@ -138,19 +158,32 @@ impl RouteTable {
 
     /// S4: longest prefix on a segment boundary, case-sensitive.
     fn match_path(&self, path: &str) -> Option<usize> {
-        self.routes.iter().position(|r| prefix_matches(&r.prefix, path))
+        self.routes
+            .iter()
+            .position(|r| prefix_matches(&r.prefix, path))
     }
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/"
-        || path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// The upstream target: the URL's path, the rest of the client's path after
 /// the prefix, and the query, byte for byte (S4: never decoded or normalised).
-pub(crate) fn rewrite_target(url: &UpstreamUrl, prefix: &str, target: &str, path_len: usize) -> String {
-    let rest = if prefix == "/" { &target[..path_len] } else { &target[prefix.len()..path_len] };
+pub(crate) fn rewrite_target(
+    url: &UpstreamUrl,
+    prefix: &str,
+    target: &str,
+    path_len: usize,
+) -> String {
+    let rest = if prefix == "/" {
+        &target[..path_len]
+    } else {
+        &target[prefix.len()..path_len]
+    };
     let mut out = String::with_capacity(url.path.len() + target.len() + 1);
     out.push_str(&url.path);
     out.push_str(rest);
@@ -163,17 +196,33 @@ pub(crate) fn rewrite_target(url: &UpstreamUrl, prefix: &str, target: &str, path
 
 /// Should this client header be dropped before forwarding (S11, S13)?
 fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route) -> bool {
-    const CREDENTIALS: [&str; 5] = ["host", "authorization", "proxy-authorization", "x-api-key", "expect"];
+    const CREDENTIALS: [&str; 5] = [
+        "host",
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "expect",
+    ];
     head::is_hop_by_hop(name)
         || CREDENTIALS.iter().any(|c| c.eq_ignore_ascii_case(name))
-        || route.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+        || route
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(name))
         || head::is_nominated(req.headers, name)
 }
 
 fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8> {
     let target = rewrite_target(&route.upstream, &route.prefix, req.target, req.path_len);
     let mut out = Vec::with_capacity(256 + req.target.len() + req.headers.len() * 48);
-    for part in [req.method, " ", &target, " HTTP/1.1\r\nhost: ", &route.upstream.authority, "\r\n"] {
+    for part in [
+        req.method,
+        " ",
+        &target,
+        " HTTP/1.1\r\nhost: ",
+        &route.upstream.authority,
+        "\r\n",
+    ] {
         out.extend_from_slice(part.as_bytes());
     }
     for h in req.headers {
@@ -245,8 +294,12 @@ mod tests {
 
     fn table(key: Option<&str>) -> RouteTable {
         let routes = vec![
-            Route::new("/", "https://root.example").unwrap().header("x-api-key", Secret::new("ROOTKEY")),
-            Route::new("/openai", "https://api.openai.com/v1").unwrap().header("Authorization", Secret::new("Bearer OAI")),
+            Route::new("/", "https://root.example")
+                .unwrap()
+                .header("x-api-key", Secret::new("ROOTKEY")),
+            Route::new("/openai", "https://api.openai.com/v1")
+                .unwrap()
+                .header("Authorization", Secret::new("Bearer OAI")),
             Route::new("/openai/files", "https://files.example/").unwrap(),
         ];
         RouteTable::new(routes, key.map(Secret::new), vec!["allowed.example".into()])
@@ -263,7 +316,13 @@ mod tests {
     #[test]
     fn longest_prefix_on_segment_boundary() {
         let t = table(None);
-        let go = |path: &str| forward(&t, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")).unwrap();
+        let go = |path: &str| {
+            forward(
+                &t,
+                &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+            )
+            .unwrap()
+        };
         let (host, head) = go("/openai/chat?x=1");
         assert_eq!(host, "api.openai.com");
         assert!(head.starts_with("GET /v1/chat?x=1 HTTP/1.1\r\nhost: api.openai.com\r\n"));
@@ -295,34 +354,77 @@ mod tests {
     fn policy_order_and_statuses() {
         let t = table(Some("placeholder"));
         let req = |extra: &str, path: &str| {
-            forward(&t, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n")).map(|_| ())
+            forward(
+                &t,
+                &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n"),
+            )
+            .map(|_| ())
         };
-        assert_eq!(req("Origin: http://evil\r\n", "/"), Err(Refusal::Forbidden("browser requests are refused")));
+        assert_eq!(
+            req("Origin: http://evil\r\n", "/"),
+            Err(Refusal::Forbidden("browser requests are refused"))
+        );
         assert!(matches!(
-            forward(&t, "GET / HTTP/1.1\r\nHost: evil.example\r\nx-api-key: placeholder\r\n\r\n"),
+            forward(
+                &t,
+                "GET / HTTP/1.1\r\nHost: evil.example\r\nx-api-key: placeholder\r\n\r\n"
+            ),
             Err(Refusal::Forbidden(_))
         ));
-        assert!(forward(&t, "GET / HTTP/1.1\r\nHost: allowed.example\r\nx-api-key: placeholder\r\n\r\n").is_ok());
+        assert!(forward(
+            &t,
+            "GET / HTTP/1.1\r\nHost: allowed.example\r\nx-api-key: placeholder\r\n\r\n"
+        )
+        .is_ok());
         assert_eq!(
             forward(&t, "TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n").map(|_| ()),
             Err(Refusal::MethodNotAllowed)
         );
         assert_eq!(req("", "/"), Err(Refusal::Unauthorized));
-        assert_eq!(req("x-api-key: placeholdeR\r\n", "/"), Err(Refusal::Unauthorized));
+        assert_eq!(
+            req("x-api-key: placeholdeR\r\n", "/"),
+            Err(Refusal::Unauthorized)
+        );
         assert_eq!(req("x-api-key: placeholder\r\n", "/"), Ok(()));
         assert_eq!(req("authorization: bearer placeholder\r\n", "/"), Ok(()));
         assert_eq!(
-            req("x-api-key: placeholder\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n", "/"),
-            Err(Refusal::BadRequest("both Content-Length and Transfer-Encoding"))
+            req(
+                "x-api-key: placeholder\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n",
+                "/"
+            ),
+            Err(Refusal::BadRequest(
+                "both Content-Length and Transfer-Encoding"
+            ))
         );
-        assert_eq!(req("x-api-key: placeholder\r\nContent-Length: 1001\r\n", "/"), Err(Refusal::PayloadTooLarge));
-        assert_eq!(req("x-api-key: placeholder\r\nExpect: x\r\n", "/"), Err(Refusal::ExpectationFailed));
-        assert!(matches!(req("x-api-key: placeholder\r\nConnection: host\r\n", "/"), Err(Refusal::BadRequest(_))));
+        assert_eq!(
+            req("x-api-key: placeholder\r\nContent-Length: 1001\r\n", "/"),
+            Err(Refusal::PayloadTooLarge)
+        );
+        assert_eq!(
+            req("x-api-key: placeholder\r\nExpect: x\r\n", "/"),
+            Err(Refusal::ExpectationFailed)
+        );
+        assert!(matches!(
+            req("x-api-key: placeholder\r\nConnection: host\r\n", "/"),
+            Err(Refusal::BadRequest(_))
+        ));
         // S11: the route injects x-api-key, so nominating it is refused; other credentials may be.
-        assert!(matches!(req("x-api-key: placeholder\r\nConnection: x-api-key\r\n", "/"), Err(Refusal::BadRequest(_))));
-        assert_eq!(req("x-api-key: placeholder\r\nConnection: authorization\r\n", "/"), Ok(()));
+        assert!(matches!(
+            req("x-api-key: placeholder\r\nConnection: x-api-key\r\n", "/"),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert_eq!(
+            req(
+                "x-api-key: placeholder\r\nConnection: authorization\r\n",
+                "/"
+            ),
+            Ok(())
+        );
         let only = RouteTable::new(vec![Route::new("/a", "https://h").unwrap()], None, vec![]);
-        assert_eq!(forward(&only, "GET /b HTTP/1.1\r\nHost: localhost\r\n\r\n").map(|_| ()), Err(Refusal::NotFound));
+        assert_eq!(
+            forward(&only, "GET /b HTTP/1.1\r\nHost: localhost\r\n\r\n").map(|_| ()),
+            Err(Refusal::NotFound)
+        );
     }
 
     #[test]

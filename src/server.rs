@@ -118,21 +118,40 @@ impl Builder {
             }
         }
         if let Some(key) = &self.client_key {
-            if key.expose().is_empty() || key.expose().iter().any(|&b| crate::config::is_control(b)) {
+            if key.expose().is_empty() || key.expose().iter().any(|&b| crate::config::is_control(b))
+            {
                 return Err(Error::BadHeaderValue("client key".to_owned()));
             }
         }
         let connector = upstream::tls_connector(&self.ca_pems)?;
         let table = RouteTable::new(self.routes, self.client_key, self.allowed_hosts);
-        let upstreams =
-            table.routes().iter().map(|r| Upstream::new(&r.upstream, connector.clone())).collect::<Result<_, _>>()?;
+        let upstreams = table
+            .routes()
+            .iter()
+            .map(|r| Upstream::new(&r.upstream, connector.clone()))
+            .collect::<Result<_, _>>()?;
         let listener = TcpListener::bind(self.listen).await.map_err(Error::Bind)?;
         let local_addr = listener.local_addr().map_err(Error::Bind)?;
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         let permits = Arc::new(Semaphore::new(self.limits.max_connections.max(1)));
-        let shared = Arc::new(Shared { table, upstreams, limits: self.limits });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone(), phase_rx, permits.clone()));
-        Ok(ProxyHandle { local_addr, phase: phase_tx, permits, shared, accept: Some(accept) })
+        let shared = Arc::new(Shared {
+            table,
+            upstreams,
+            limits: self.limits,
+        });
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            phase_rx,
+            permits.clone(),
+        ));
+        Ok(ProxyHandle {
+            local_addr,
+            phase: phase_tx,
+            permits,
+            shared,
+            accept: Some(accept),
+        })
     }
 }
 
@@ -148,7 +167,9 @@ pub struct ProxyHandle {
 
 impl std::fmt::Debug for ProxyHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProxyHandle").field("local_addr", &self.local_addr).finish_non_exhaustive()
+        f.debug_struct("ProxyHandle")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -169,10 +190,14 @@ impl ProxyHandle {
             let _ = accept.await;
         }
         let all = u32::try_from(self.shared.limits.max_connections.max(1)).unwrap_or(u32::MAX);
-        if tokio::time::timeout(drain, self.permits.acquire_many(all)).await.is_err() {
+        if tokio::time::timeout(drain, self.permits.acquire_many(all))
+            .await
+            .is_err()
+        {
             self.phase.send_replace(Phase::Closing);
             // Closing tasks only need to be polled once to drop their sockets.
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.permits.acquire_many(all)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.permits.acquire_many(all)).await;
         }
     }
 }
@@ -186,7 +211,12 @@ impl Drop for ProxyHandle {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>, permits: Arc<Semaphore>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<Phase>,
+    permits: Arc<Semaphore>,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

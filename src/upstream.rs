@@ -21,12 +21,16 @@ use crate::error::{Error, Refusal};
 /// Builds the one TLS client configuration: ring provider, webpki roots plus
 /// the extra PEM roots, ALPN `http/1.1` only.
 pub(crate) fn tls_connector(extra_roots_pem: &[Vec<u8>]) -> Result<TlsConnector, Error> {
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
     for pem in extra_roots_pem {
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(pem) {
             let cert = cert.map_err(|_| Error::BadCertificate("invalid PEM"))?;
-            roots.add(cert).map_err(|_| Error::BadCertificate("unusable certificate"))?;
+            roots
+                .add(cert)
+                .map_err(|_| Error::BadCertificate("unusable certificate"))?;
             added += 1;
         }
         if added == 0 {
@@ -50,7 +54,11 @@ pub(crate) enum Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
@@ -59,7 +67,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
@@ -91,7 +103,11 @@ pub(crate) struct Connection {
 impl Connection {
     fn new(stream: Stream) -> Connection {
         let (reader, writer) = tokio::io::split(stream);
-        Connection { reader, writer, reused: false }
+        Connection {
+            reader,
+            writer,
+            reused: false,
+        }
     }
 
     /// R4: an idle connection that became readable (stray bytes, EOF, an
@@ -100,7 +116,10 @@ impl Connection {
         let mut cx = Context::from_waker(Waker::noop());
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
-        !matches!(Pin::new(&mut self.reader).poll_read(&mut cx, &mut buf), Poll::Pending)
+        !matches!(
+            Pin::new(&mut self.reader).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
     }
 }
 
@@ -117,7 +136,12 @@ impl Upstream {
     pub(crate) fn new(url: &UpstreamUrl, connector: TlsConnector) -> Result<Upstream, Error> {
         let server_name = ServerName::try_from(url.host.clone())
             .map_err(|_| Error::BadUrl(url.host.clone(), "not a valid TLS server name"))?;
-        Ok(Upstream { url: url.clone(), server_name, connector, idle: Mutex::new(Vec::new()) })
+        Ok(Upstream {
+            url: url.clone(),
+            server_name,
+            connector,
+            idle: Mutex::new(Vec::new()),
+        })
     }
 
     /// The most recently used idle connection that is still clean, if any.
