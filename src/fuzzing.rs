@@ -75,3 +75,87 @@ pub fn decode_chunked(pieces: &[&[u8]]) -> Result<(usize, Vec<u8>, u64, bool), &
     }
     Ok((used, out, reader.payload(), reader.is_done()))
 }
+
+/// The route table every fuzz target uses: `/` → `https://upstream.example/base`
+/// injecting `x-api-key`, and `/openai` → `https://api.example/v1` injecting
+/// `authorization`. The injected values are `FUZZ_KEY` and `Bearer FUZZ_KEY`.
+fn fuzz_table() -> crate::route::RouteTable {
+    let routes = vec![
+        crate::Route::new("/", "https://upstream.example/base")
+            .expect("static route")
+            .header("x-api-key", crate::Secret::new(FUZZ_KEY)),
+        crate::Route::new("/openai", "https://api.example/v1")
+            .expect("static route")
+            .header("authorization", crate::Secret::new(format!("Bearer {FUZZ_KEY}"))),
+    ];
+    crate::route::RouteTable::new(routes, None, Vec::new())
+}
+
+/// The value the fuzz route table injects.
+pub const FUZZ_KEY: &str = "FUZZ-INJECTED-KEY";
+
+/// A request as keyhole would forward it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The head written upstream, byte for byte.
+    pub head: Vec<u8>,
+    /// Upstream host the route points at.
+    pub upstream_host: String,
+    /// The client's method.
+    pub method: String,
+    /// The client's target.
+    pub client_target: String,
+    /// The body framing.
+    pub framing: BodyFraming,
+}
+
+/// Parses, validates, routes and rewrites one complete request head through
+/// the fuzz route table; the error is the status keyhole would answer.
+pub fn forward_request(head_bytes: &[u8]) -> Result<Forwarded, u16> {
+    let mut storage = head::header_array();
+    let req = head::parse_request(head_bytes, &mut storage[..crate::config::DEFAULT_MAX_HEADERS])
+        .map_err(Refusal::status)?;
+    let table = fuzz_table();
+    let mut fwd = table.forward(&req, None).map_err(Refusal::status)?;
+    Ok(Forwarded {
+        head: fwd.head_mut().clone(),
+        upstream_host: table.routes()[fwd.route()].upstream.host.clone(),
+        method: req.method.to_owned(),
+        client_target: req.target.to_owned(),
+        framing: fwd.framing().into(),
+    })
+}
+
+/// The upstream target keyhole would send for `target` through the fuzz
+/// route table, with the upstream host; the error is the status.
+pub fn route_target(target: &str) -> Result<(String, String), u16> {
+    let bytes = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let fwd = forward_request(bytes.as_bytes())?;
+    let head = String::from_utf8(fwd.head).map_err(|_| 500u16)?;
+    let line = head.split("\r\n").next().unwrap_or_default();
+    let upstream_target = line.split(' ').nth(1).unwrap_or_default().to_owned();
+    Ok((fwd.upstream_host, upstream_target))
+}
+
+/// A validated upstream response head as keyhole would relay it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    /// Status code.
+    pub status: u16,
+    /// The body framing for this response.
+    pub framing: BodyFraming,
+    /// The head keyhole writes to the client (without connection field and final CRLF).
+    pub head: Vec<u8>,
+    /// The upstream connection must not be reused.
+    pub close: bool,
+}
+
+/// Parses and validates an upstream response head (`request_was_head`: the
+/// request method was HEAD); the error is the status keyhole would answer.
+pub fn relay_response(head_bytes: &[u8], request_was_head: bool) -> Result<Relayed, u16> {
+    let mut storage = head::header_array();
+    let res = head::parse_response(head_bytes, &mut storage, request_was_head).map_err(Refusal::status)?;
+    let mut out = Vec::new();
+    head::write_response_head(&mut out, &res);
+    Ok(Relayed { status: res.status, framing: res.framing.into(), head: out, close: res.close })
+}
