@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use std::future::Future;
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, timeout_at};
@@ -26,6 +29,25 @@ pub(crate) enum Phase {
     Draining,
     /// The drain time is over: close now.
     Closing,
+}
+
+/// A client connection: a TCP stream, or an in-memory pipe under fuzzing.
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Resolves when a read would not block, so an idle connection can wait
+    /// without holding a buffer.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl ClientIo for TcpStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+}
+
+impl ClientIo for tokio::io::DuplexStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 /// What every connection task shares.
@@ -70,12 +92,11 @@ impl Record {
 
 /// Serves one client connection until it closes, errs, idles out or the
 /// server shuts down.
-pub(crate) async fn serve(
-    mut stream: TcpStream,
+pub(crate) async fn serve<S: ClientIo>(
+    mut stream: S,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let _ = stream.set_nodelay(true);
     let mut input = InBuf::default();
     loop {
         if input.is_empty() {
@@ -102,8 +123,8 @@ pub(crate) async fn serve(
     }
 }
 
-async fn handle_request(
-    stream: &mut TcpStream,
+async fn handle_request<S: ClientIo>(
+    stream: &mut S,
     input: &mut InBuf,
     shared: &Shared,
     draining: bool,
@@ -166,8 +187,8 @@ async fn handle_request(
 /// Sends a generated response, then closes (S14). Lingers briefly reading
 /// what the client still sends, so the close does not turn into a reset
 /// that destroys the response before the client reads it.
-async fn refuse(
-    stream: &mut TcpStream,
+async fn refuse<S: ClientIo>(
+    stream: &mut S,
     refusal: Refusal,
     record: &mut Record,
     shared: &Shared,
@@ -205,8 +226,8 @@ async fn refuse(
 
 /// Forwards one validated request and relays its response. `Err` means
 /// nothing was sent to the client yet and the refusal should be.
-async fn exchange(
-    stream: &mut TcpStream,
+async fn exchange<S: ClientIo>(
+    stream: &mut S,
     input: &mut InBuf,
     shared: &Shared,
     forward: &mut Forward,
@@ -243,7 +264,6 @@ async fn exchange(
             .map_err(|_| Refusal::RequestTimeout)?;
     }
 
-    let (mut client_reader, mut client_writer) = stream.split();
     let mut response_in = InBuf::default();
     let mut request_complete = request_body.is_done();
     let response = {
@@ -253,7 +273,7 @@ async fn exchange(
         let mut early = None;
         if !request_complete {
             let pump = relay::pump(
-                &mut client_reader,
+                &mut *stream,
                 input,
                 writer,
                 &mut request_body,
@@ -304,7 +324,7 @@ async fn exchange(
     let relayed = relay::pump(
         &mut conn.reader,
         &mut response_in,
-        &mut client_writer,
+        stream,
         &mut response_body,
         &mut out,
         idle,

@@ -223,7 +223,11 @@ async fn accept_loop(
             _ = phase.wait_for(|p| *p != Phase::Running) => return,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                // Response heads and SSE events are small writes that must leave at once.
+                let _ = stream.set_nodelay(true);
+                stream
+            }
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %err, "accept failed");

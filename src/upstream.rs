@@ -51,6 +51,8 @@ pub(crate) fn tls_connector(extra_roots_pem: &[Vec<u8>]) -> Result<TlsConnector,
 pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// An in-memory upstream, for the connection fuzz target.
+    Memory(tokio::io::DuplexStream),
 }
 
 impl AsyncRead for Stream {
@@ -62,6 +64,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Memory(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -75,18 +78,21 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Memory(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Memory(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -129,7 +135,12 @@ pub(crate) struct Upstream {
     server_name: ServerName<'static>,
     connector: TlsConnector,
     idle: Mutex<Vec<(Connection, Instant)>>,
+    /// Under fuzzing: opens an in-memory connection instead of a socket.
+    memory: Option<MemoryConnector>,
 }
+
+/// Makes in-memory upstream connections (fuzzing only).
+pub(crate) type MemoryConnector = Box<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;
 
 impl Upstream {
     /// An upstream for `url`, sharing the proxy's TLS connector.
@@ -141,7 +152,14 @@ impl Upstream {
             server_name,
             connector,
             idle: Mutex::new(Vec::new()),
+            memory: None,
         })
+    }
+
+    /// Replaces the network with in-memory connections (fuzzing only).
+    pub(crate) fn with_memory(mut self, connector: MemoryConnector) -> Upstream {
+        self.memory = Some(connector);
+        self
     }
 
     /// The most recently used idle connection that is still clean, if any.
@@ -170,6 +188,9 @@ impl Upstream {
     /// TLS handshake (certificate verified before any request byte) under
     /// `tls_timeout`.
     pub(crate) async fn connect(&self, limits: &Limits) -> Result<Connection, Refusal> {
+        if let Some(memory) = &self.memory {
+            return Ok(Connection::new(Stream::Memory(memory())));
+        }
         let tcp = timeout(limits.connect_timeout, self.connect_tcp())
             .await
             .map_err(|_| Refusal::GatewayTimeout("upstream connect timed out"))??;
