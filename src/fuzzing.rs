@@ -195,6 +195,7 @@ pub struct ConnectionReport {
 pub fn run_connection(pieces: &[&[u8]]) -> ConnectionReport {
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    type Recorded = Arc<Mutex<Vec<u8>>>;
 
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -202,7 +203,6 @@ pub fn run_connection(pieces: &[&[u8]]) -> ConnectionReport {
     else {
         return ConnectionReport::default();
     };
-    type Recorded = Arc<Mutex<Vec<u8>>>;
     let streams: Arc<Mutex<Vec<Recorded>>> = Arc::default();
     let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let table = fuzz_table();
