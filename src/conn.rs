@@ -16,7 +16,7 @@ use crate::body::{BodyError, BodyReader};
 use crate::config::{Limits, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
 use crate::head::{self, Framing, MAX_INTERIM_RESPONSES};
-use crate::relay::{self, HeadError, InBuf, PumpError, BUF_SIZE};
+use crate::relay::{self, HeadError, InBuf, PumpError};
 use crate::route::{Forward, RouteTable};
 use crate::upstream::{Connection, Upstream};
 
@@ -172,16 +172,12 @@ async fn handle_request<S: ClientIo>(
         Err(refusal) => return refuse(stream, refusal, &mut record, shared).await,
     };
     record.route = forward.route();
-    let next = match exchange(stream, input, shared, &mut forward, &mut record).await {
+    let next = match exchange(stream, input, shared, &mut forward, &mut record, draining).await {
         Ok(next) => next,
         Err(refusal) => return refuse(stream, refusal, &mut record, shared).await,
     };
     record.log(shared);
-    if draining || forward.close() {
-        Next::Close
-    } else {
-        next
-    }
+    next
 }
 
 /// Sends a generated response, then closes (S14). Lingers briefly reading
@@ -232,6 +228,7 @@ async fn exchange<S: ClientIo>(
     shared: &Shared,
     forward: &mut Forward,
     record: &mut Record,
+    close_after: bool,
 ) -> Result<Next, Refusal> {
     let limits = &shared.limits;
     let idle = limits.idle_timeout;
@@ -312,14 +309,17 @@ async fn exchange<S: ClientIo>(
 
     // From here on the client has (or may have) bytes of the response: a
     // failure can only close the connection, never produce a new status.
-    let client_close =
-        !request_complete || response.close || response.framing == Framing::UntilClose;
+    // An upstream `Connection: close` only keeps that upstream connection
+    // out of the pool; the client's connection can go on.
+    let client_close = close_after
+        || forward.close()
+        || !request_complete
+        || response.framing == Framing::UntilClose;
     let mut out = response.head;
-    if client_close || forward.close() {
+    if client_close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.reserve(BUF_SIZE.min(4096));
     let mut response_body = BodyReader::new(response.framing);
     let relayed = relay::pump(
         &mut conn.reader,
