@@ -90,6 +90,7 @@ pub struct Route {
     pub(crate) prefix: String,
     pub(crate) upstream: UpstreamUrl,
     pub(crate) headers: Vec<(String, Secret)>,
+    pub(crate) client_key: Option<Secret>,
 }
 
 impl fmt::Debug for Route {
@@ -111,6 +112,7 @@ impl Route {
             prefix: parse_prefix(prefix)?,
             upstream: UpstreamUrl::parse(url)?,
             headers: Vec::new(),
+            client_key: None,
         })
     }
 
@@ -119,6 +121,15 @@ impl Route {
     #[must_use]
     pub fn header(mut self, name: &str, value: Secret) -> Route {
         self.headers.push((name.to_ascii_lowercase(), value));
+        self
+    }
+
+    /// Requires requests on this route to carry `key` (as `x-api-key` or
+    /// `authorization: Bearer`), on top of any proxy-wide client key; so a
+    /// runner can give each sandbox its own placeholder. Otherwise 401.
+    #[must_use]
+    pub fn client_key(mut self, key: Secret) -> Route {
+        self.client_key = Some(key);
         self
     }
 
@@ -136,6 +147,11 @@ impl Route {
                 || bytes.last().is_some_and(|&b| b == b' ');
             if bytes.iter().any(|&b| is_control(b)) || padded {
                 return Err(Error::BadHeaderValue(name.clone()));
+            }
+        }
+        if let Some(key) = &self.client_key {
+            if key.expose().is_empty() || key.expose().iter().any(|&b| is_control(b)) {
+                return Err(Error::BadHeaderValue("client key".to_owned()));
             }
         }
         Ok(())

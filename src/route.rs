@@ -123,6 +123,11 @@ impl RouteTable {
         }
         let index = self.match_path(req.path()).ok_or(Refusal::NotFound)?;
         let route = &self.routes[index];
+        if let Some(key) = &route.client_key {
+            if !carries_client_key(req.headers, key.expose()) {
+                return Err(Refusal::Unauthorized);
+            }
+        }
         let framing = req.framing?;
         if req.expect == Expect::Other {
             return Err(Refusal::ExpectationFailed);
@@ -425,6 +430,27 @@ mod tests {
             forward(&only, "GET /b HTTP/1.1\r\nHost: localhost\r\n\r\n").map(|_| ()),
             Err(Refusal::NotFound)
         );
+    }
+
+    #[test]
+    fn per_route_client_key() {
+        let routes = vec![
+            Route::new("/a", "https://a.example")
+                .unwrap()
+                .client_key(Secret::new("key-a")),
+            Route::new("/b", "https://b.example").unwrap(),
+        ];
+        let t = RouteTable::new(routes, None, vec![]);
+        let go = |path: &str, key: &str| {
+            forward(
+                &t,
+                &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nx-api-key: {key}\r\n\r\n"),
+            )
+            .map(|_| ())
+        };
+        assert_eq!(go("/a/x", "key-a"), Ok(()));
+        assert_eq!(go("/a/x", "key-b"), Err(Refusal::Unauthorized));
+        assert_eq!(go("/b/x", "anything"), Ok(()));
     }
 
     #[test]
