@@ -100,6 +100,7 @@ impl fmt::Debug for Route {
             .field("prefix", &self.prefix)
             .field("upstream", &self.upstream.authority)
             .field("injected_headers", &names)
+            .field("client_key", &self.client_key)
             .finish()
     }
 }
