@@ -47,10 +47,10 @@ impl InBuf {
         }
     }
 
-    /// Frees the buffer if nothing is pending (before an idle wait).
+    /// Gives the buffer up if nothing is pending (before an idle wait).
     pub(crate) fn release(&mut self) {
         if self.is_empty() {
-            self.buf = Vec::new();
+            give_back(std::mem::take(&mut self.buf));
             self.pos = 0;
         }
     }
@@ -60,6 +60,9 @@ impl InBuf {
         &mut self,
         src: &mut R,
     ) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf = take_buffer();
+        }
         if self.buf.capacity() - self.buf.len() < MIN_READ {
             if self.pos > 0 {
                 self.buf.drain(..self.pos);
@@ -71,6 +74,41 @@ impl InBuf {
         }
         src.read_buf(&mut self.buf).await
     }
+}
+
+impl Drop for InBuf {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Read buffers kept per thread for reuse. Allocating and freeing 64 KiB per
+/// request makes the allocator grow and trim the heap each time: two
+/// syscalls and a run of fresh zeroed pages per request.
+const SPARE_BUFFERS: usize = 32;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Vec<u8> {
+    SPARE
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+}
+
+fn give_back(mut buf: Vec<u8>) {
+    // Only standard buffers: one grown for a large head is let go.
+    if buf.capacity() != BUF_SIZE {
+        return;
+    }
+    buf.clear();
+    SPARE.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        }
+    });
 }
 
 /// Why reading a head stopped without one.
