@@ -321,6 +321,14 @@ async fn exchange<S: ClientIo>(
     }
     out.extend_from_slice(b"\r\n");
     let mut response_body = BodyReader::new(response.framing);
+    // Body bytes that came with the head are checked before the head is
+    // sent, so bad framing there is still a clean 502 (R5).
+    if !response_in.is_empty() && !response_body.is_done() {
+        let n = response_body
+            .feed(response_in.data(), &mut out)
+            .map_err(|_| Refusal::BadGateway("malformed upstream response body"))?;
+        response_in.consume(n);
+    }
     let relayed = relay::pump(
         &mut conn.reader,
         &mut response_in,
