@@ -116,17 +116,19 @@ impl BodyReader {
         self.payload
     }
 
-    /// Marks a close-delimited body complete (the peer closed).
-    pub(crate) fn finish_at_close(&mut self) -> bool {
+    /// The peer closed cleanly: a close-delimited body is complete, and its
+    /// terminating chunk goes to `out`. False if the body was cut short.
+    pub(crate) fn finish_at_close(&mut self, out: &mut Vec<u8>) -> bool {
         if self.state == State::UntilClose {
+            out.extend_from_slice(b"0\r\n\r\n");
             self.state = State::Done;
         }
         self.is_done()
     }
 
-    /// How many leading bytes of `input` belong to a `Length` or `UntilClose`
-    /// body; those pass through unchanged, so the caller may forward them
-    /// straight from its buffer. `None` for chunked bodies.
+    /// How many leading bytes of `input` belong to a `Length` body; those
+    /// pass through unchanged, so the caller may forward them straight from
+    /// its buffer. `None` for bodies keyhole frames itself.
     pub(crate) fn passthrough(&mut self, input: &[u8]) -> Option<usize> {
         let take = match self.state {
             State::Length(n) => {
@@ -139,9 +141,8 @@ impl BodyReader {
                 };
                 take
             }
-            State::UntilClose => input.len(),
             State::Done => 0,
-            State::Chunked(_) => return None,
+            State::Chunked(_) | State::UntilClose => return None,
         };
         self.payload += take as u64;
         Some(take)
@@ -154,6 +155,18 @@ impl BodyReader {
         if let Some(take) = self.passthrough(input) {
             out.extend_from_slice(&input[..take]);
             return Ok(take);
+        }
+        // A close-delimited response is relayed as chunked, so that if the
+        // upstream's stream is cut short the client sees no terminator and
+        // cannot take the truncated body for a complete one.
+        if self.state == State::UntilClose {
+            if !input.is_empty() {
+                write_size(out, input.len() as u64);
+                out.extend_from_slice(input);
+                out.extend_from_slice(b"\r\n");
+                self.payload += input.len() as u64;
+            }
+            return Ok(input.len());
         }
         let mut i = 0;
         while i < input.len() {
@@ -439,7 +452,9 @@ mod tests {
         assert!(reader.is_done());
         assert_eq!(out, b"abc");
         let mut reader = BodyReader::new(Framing::UntilClose);
+        let mut out = Vec::new();
         assert_eq!(reader.feed(b"xyz", &mut out).unwrap(), 3);
-        assert!(reader.finish_at_close());
+        assert!(reader.finish_at_close(&mut out));
+        assert_eq!(out, b"3\r\nxyz\r\n0\r\n\r\n");
     }
 }

@@ -583,12 +583,16 @@ pub(crate) fn is_nominated(headers: &[httparse::Header<'_>], name: &str) -> bool
 /// The caller adds its connection field and the final CRLF.
 pub(crate) fn write_response_head(out: &mut Vec<u8>, res: &ResponseHead<'_, '_>) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa(u64::from(res.status)).as_bytes());
+    push_decimal(out, u64::from(res.status));
     out.push(b' ');
     out.extend_from_slice(res.reason);
     out.extend_from_slice(b"\r\n");
+    let nominates = res
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("connection"));
     for h in res.headers {
-        if is_hop_by_hop(h.name) || is_nominated(res.headers, h.name) {
+        if is_hop_by_hop(h.name) || (nominates && is_nominated(res.headers, h.name)) {
             continue;
         }
         out.extend_from_slice(h.name.as_bytes());
@@ -599,24 +603,27 @@ pub(crate) fn write_response_head(out: &mut Vec<u8>, res: &ResponseHead<'_, '_>)
     match res.framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n).as_bytes());
+            push_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // A close-delimited body is re-framed as chunked (see `BodyReader::feed`).
+        Framing::Chunked | Framing::UntilClose => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
         // A bodiless response keeps the length it describes (HEAD, 304).
         Framing::Empty if res.status >= 200 && res.status != 204 => {
             if let Some(n) = res.length {
                 out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa(n).as_bytes());
+                push_decimal(out, n);
                 out.extend_from_slice(b"\r\n");
             }
         }
-        Framing::Empty | Framing::UntilClose => {}
+        Framing::Empty => {}
     }
 }
 
-/// Decimal digits without allocation-heavy formatting machinery.
-pub(crate) fn itoa(mut n: u64) -> String {
+/// Appends `n` in decimal, without the formatting machinery or an allocation.
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -627,7 +634,7 @@ pub(crate) fn itoa(mut n: u64) -> String {
             break;
         }
     }
-    String::from_utf8_lossy(&digits[i..]).into_owned()
+    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]

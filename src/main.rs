@@ -45,6 +45,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(cli.log_level)
+        .with_target(false)
         .init();
     // On one core (as when pinned with taskset) a single-threaded runtime
     // avoids the work-stealing scheduler's cross-thread bookkeeping.
@@ -95,29 +96,44 @@ async fn run(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("keyhole: cannot install signal handlers: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "listening on http://{}", proxy.local_addr());
     let _ = stdout.flush();
     drop(stdout);
-    wait_for_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down");
     proxy.shutdown().await;
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers, run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT handlers, installed before the `listening on` line so
+/// that a signal sent as soon as the line appears is never fatal.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 

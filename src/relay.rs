@@ -236,11 +236,12 @@ where
             Err(_) => return Err(PumpError::SourceTimeout),
             Ok(Err(_)) => return Err(PumpError::SourceIo),
             Ok(Ok(0)) => {
-                return if body.finish_at_close() {
-                    Ok(())
-                } else {
-                    Err(PumpError::SourceClosed)
-                };
+                if !body.finish_at_close(out) {
+                    return Err(PumpError::SourceClosed);
+                }
+                write_all(dst, out, idle).await?;
+                out.clear();
+                return flush(dst, idle).await;
             }
             Ok(Ok(_)) => {}
         }

@@ -200,7 +200,7 @@ pub(crate) fn rewrite_target(
 }
 
 /// Should this client header be dropped before forwarding (S11, S13)?
-fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route) -> bool {
+fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route, nominates: bool) -> bool {
     const CREDENTIALS: [&str; 5] = [
         "host",
         "authorization",
@@ -214,7 +214,7 @@ fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route) -> bool {
             .headers
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case(name))
-        || head::is_nominated(req.headers, name)
+        || (nominates && head::is_nominated(req.headers, name))
 }
 
 fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8> {
@@ -230,8 +230,12 @@ fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8
     ] {
         out.extend_from_slice(part.as_bytes());
     }
+    let nominates = req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("connection"));
     for h in req.headers {
-        if is_stripped(h.name, req, route) {
+        if is_stripped(h.name, req, route, nominates) {
             continue;
         }
         out.extend_from_slice(h.name.as_bytes());
@@ -248,7 +252,7 @@ fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8
     match framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(head::itoa(n).as_bytes());
+            head::push_decimal(&mut out, n);
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),

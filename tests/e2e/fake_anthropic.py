@@ -9,9 +9,16 @@ Python 3 standard library only.  Serves HTTPS (HTTP/1.1, keep-alive) on
                       event names and shapes (message_start, content_block_*,
                       message_delta, message_stop), sleeping --delay seconds
                       between the text deltas.
-  POST /echo-sha256   answers {"sha256": ..., "length": ...} of the body it
-                      received (Content-Length or chunked).
+  POST /echo-sha256   answers {"sha256": ..., "length": ..., "framing": ...} of the
+                      body it received (Content-Length or chunked).
+  GET /download?n=N[&chunked=1]
+                      N deterministic bytes (Content-Length, or chunked with odd
+                      chunk sizes); the X-Body-Sha256 header names their sha256.
+  /status/NNN         that status (204 and 304 without a body).
   anything else       404 with an Anthropic-style error JSON.
+HEAD gets the GET headers and no body.  Like real servers, connections idle
+for --keepalive-timeout seconds are closed.  /v1/messages demands an
+anthropic-version header, as the real API does.
 
 Every request must carry `x-api-key: <the real key>` (--key, or the env var
 FAKE_ANTHROPIC_KEY); otherwise 401 with an Anthropic-style error JSON.
@@ -28,7 +35,6 @@ import argparse
 import hashlib
 import json
 import os
-import socketserver
 import ssl
 import sys
 import threading
@@ -67,7 +73,8 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.write("fake_anthropic: " + (fmt % args) + "\n")
 
     def setup(self):
-        self.request.settimeout(60)
+        # Like a real API server, close keep-alive connections idle this long.
+        self.request.settimeout(ARGS.keepalive_timeout)
         self.request.do_handshake()
         super().setup()
 
@@ -121,12 +128,14 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
         self.wfile.flush()
 
     def write_chunk(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
+        self.chunk_sizes.append(len(data))
 
     def sse(self, event, data):
         self.write_chunk(("event: %s\ndata: %s\n\n" % (event, json.dumps(data))).encode())
@@ -142,6 +151,7 @@ class Handler(BaseHTTPRequestHandler):
             "method": self.command,
             "path": self.path,
             "host": self.headers.get("Host"),
+            "anthropic_version": self.headers.get("anthropic-version"),
             "x_api_key_count": len(keys),
             "saw_real_key": keys == [ARGS.key],
             "other_auth_headers": sorted(
@@ -155,6 +165,7 @@ class Handler(BaseHTTPRequestHandler):
     # ---- dispatch --------------------------------------------------------
 
     def handle_any(self):
+        self.chunk_sizes = []
         rec = self.auth_info()
         try:
             body, framing = self.read_body()
@@ -176,6 +187,50 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if self.command == "POST" and path == "/v1/messages":
             self.messages(rec, body)
+        elif path.startswith("/status/"):
+            # /status/NNN: that status; 204 and 304 have no body (nor does HEAD).
+            code = int(path[len("/status/"):])
+            log_record(rec)
+            self.send_response(code)
+            self.send_header("X-Fake-Anthropic", "1")
+            if code in (204, 304):
+                self.end_headers()
+            else:
+                body = b"status %d\n" % code
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+            self.wfile.flush()
+        elif self.command in ("GET", "HEAD") and path == "/download":
+            # /download?n=BYTES[&chunked=1]: deterministic bytes; X-Body-Sha256 names them.
+            q = dict(kv.split("=", 1) for kv in self.path.partition("?")[2].split("&") if "=" in kv)
+            n = int(q.get("n", "0"))
+            chunked = q.get("chunked") == "1"
+            block = hashlib.sha256(b"keyhole-e2e").digest() * 2048  # 64 KiB
+            data = (block * (n // len(block) + 1))[:n]
+            log_record(rec)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("X-Body-Sha256", hashlib.sha256(data).hexdigest())
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(n))
+            self.end_headers()
+            if self.command != "HEAD":
+                if chunked:
+                    # odd chunk sizes on purpose
+                    i, sizes = 0, [1, 7, 4093, 65536, 100003]
+                    while i < n:
+                        size = sizes[len(self.chunk_sizes) % len(sizes)]
+                        self.write_chunk(data[i:i + size])
+                        i += size
+                    self.wfile.write(b"0\r\n\r\n")
+                else:
+                    self.wfile.write(data)
+            self.wfile.flush()
         elif self.command == "POST" and path == "/echo-sha256":
             digest = hashlib.sha256(body).hexdigest()
             rec["sha256"] = digest
@@ -189,6 +244,11 @@ class Handler(BaseHTTPRequestHandler):
                                            % (self.command, path)))
 
     def messages(self, rec, body):
+        if not self.headers.get("anthropic-version"):  # the real API demands it too
+            log_record(rec)
+            self.send_json(400, error_body("invalid_request_error",
+                                           "anthropic-version: header is required"))
+            return
         try:
             req = json.loads(body)
             model = req["model"]
@@ -198,7 +258,11 @@ class Handler(BaseHTTPRequestHandler):
             log_record(rec)
             self.send_json(400, error_body("invalid_request_error", "fake: bad body: %s" % e))
             return
-        assert isinstance(max_tokens, int)
+        if not isinstance(max_tokens, int) or not isinstance(messages, list):
+            log_record(rec)
+            self.send_json(400, error_body("invalid_request_error",
+                                           "fake: bad max_tokens/messages"))
+            return
         prompt = ""
         if messages:
             c = messages[-1].get("content")
@@ -251,6 +315,7 @@ class Handler(BaseHTTPRequestHandler):
                                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                    "usage": {"output_tokens": len(STREAM_DELTAS)}})
         self.sse("message_stop", {"type": "message_stop"})
+        rec["chunk_sizes"] = self.chunk_sizes
         log_record(rec)  # before the terminating chunk: the client sees it once done
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
@@ -284,10 +349,13 @@ def main():
     p.add_argument("--keyfile", required=True, help="server private key (PEM)")
     p.add_argument("--key", default=os.environ.get("FAKE_ANTHROPIC_KEY"),
                    help="the real API key to demand (default: $FAKE_ANTHROPIC_KEY)")
-    p.add_argument("--forbid", default=None, help="string that must never reach us (placeholder key)")
+    p.add_argument("--forbid", default=None,
+                   help="string that must never reach us (the placeholder key)")
     p.add_argument("--log", default=None, help="append one JSON line per request here")
     p.add_argument("--delay", type=float, default=0.3, help="seconds between stream deltas")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--keepalive-timeout", type=float, default=60,
+                   help="close a connection idle this many seconds")
     p.add_argument("--verbose", action="store_true")
     ARGS = p.parse_args()
     if not ARGS.key:

@@ -102,6 +102,8 @@ def create():
         return "unexpected message %r" % msg
     if msg.usage.input_tokens != 3:
         return "unexpected usage %r" % msg.usage
+    if not (msg._request_id or "").startswith("req_fake_"):
+        return "response header request-id did not come through: %r" % msg._request_id
     return ""
 
 
@@ -193,6 +195,56 @@ def many_on_one_client():
     return ""
 
 
+def concurrent_streams():
+    # 8 streams at once on one async client: they must run side by side, each intact.
+    n = 8
+
+    async def one(ac, i):
+        async with ac.messages.stream(model=MODEL, max_tokens=64,
+                                      messages=[{"role": "user", "content": "c%d" % i}]) as s:
+            text = "".join([t async for t in s.text_stream])
+            final = await s.get_final_message()
+        return text, final
+
+    async def run():
+        ac = anthropic.AsyncAnthropic(base_url=BASE, api_key=PLACEHOLDER, max_retries=0,
+                                      timeout=30, http_client=http_client(async_=True))
+        t0 = time.time()
+        res = await asyncio.gather(*(one(ac, i) for i in range(n)))
+        await ac.close()
+        return res, time.time() - t0
+
+    res, took = asyncio.run(run())
+    for text, final in res:
+        if text != EXPECTED_STREAM:
+            return "a stream gave %r" % text
+        p = key_problems(record_for(final.id))
+        if p:
+            return p
+    if len({final.id for _, final in res}) != n:
+        return "streams got mixed up: ids %s" % [f.id for _, f in res]
+    one_stream = (N_DELTAS - 1) * DELAY
+    if took > 3 * one_stream + 2:
+        return "%d streams took %.2fs: not concurrent (one takes %.2fs)" % (n, took, one_stream)
+    return ""
+
+
+def stream_abandoned():
+    # The client drops a stream after the first delta; the next requests must get
+    # their own, correct responses (no leftover stream bytes from a reused connection).
+    with client.messages.stream(model=MODEL, max_tokens=64,
+                                messages=[{"role": "user", "content": "abandon"}]) as s:
+        for _ in s.text_stream:
+            break
+    for i in range(3):
+        msg = client.messages.create(model=MODEL, max_tokens=8,
+                                     messages=[{"role": "user", "content": "after %d" % i}])
+        if msg.content[0].text != "pong: after %d" % i:
+            return "request %d after the abandoned stream: unexpected text %r" % (
+                i, msg.content[0].text)
+    return ""
+
+
 def wrong_key_direct():
     # Only meaningful talking to the fake directly: proves the fake enforces the key,
     # and the SDK surfaces the Anthropic-style 401.
@@ -219,6 +271,8 @@ if "stream" in state:
     check("messages.stream: fake saw the real key, never the placeholder", stream_key)
 check("5 sequential requests on one keep-alive client", many_on_one_client)
 check("AsyncAnthropic messages.stream", async_stream)
+check("8 concurrent AsyncAnthropic streams", concurrent_streams)
+check("stream abandoned after one delta, then 3 more requests", stream_abandoned)
 if DIRECT:
     if os.environ.get("E2E_WRONG_KEY"):
         check("fake rejects a wrong key with an Anthropic-style 401", wrong_key_direct)
