@@ -106,9 +106,15 @@ pub(crate) async fn serve<S: ClientIo>(
         if input.is_empty() {
             // Idle: hold no buffer while waiting for the next request.
             input.release();
+            // Until the first byte the idle timeout applies; the head
+            // timeout starts with it (S15).
+            let first_bytes = async {
+                stream.readable().await?;
+                input.read_from(&mut stream).await
+            };
             tokio::select! {
-                ready = timeout(shared.limits.idle_timeout, stream.readable()) => {
-                    if !matches!(ready, Ok(Ok(()))) {
+                read = timeout(shared.limits.idle_timeout, first_bytes) => {
+                    if !matches!(read, Ok(Ok(n)) if n > 0) {
                         return;
                     }
                 }
