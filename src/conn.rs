@@ -301,9 +301,9 @@ async fn exchange<S: ClientIo>(
         }
         match early {
             Some(head) => head?,
-            None => timeout(limits.upstream_timeout, head_future)
+            None => relay::timeout_in_steps(limits.upstream_timeout, idle, head_future)
                 .await
-                .map_err(|_| Refusal::GatewayTimeout("upstream response timed out"))??,
+                .ok_or(Refusal::GatewayTimeout("upstream response timed out"))??,
         }
     };
     record.bytes_in = request_body.payload();

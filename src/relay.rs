@@ -149,6 +149,29 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin>(
     }
 }
 
+/// Awaits `future` for at most `limit`, arming timers of at most `step` at a
+/// time. tokio wakes its driver through an eventfd whenever a new timer is
+/// due before every pending one; when every long wait uses the same step,
+/// new timers always fall after existing ones and that costs nothing.
+pub(crate) async fn timeout_in_steps<F: std::future::Future>(
+    limit: Duration,
+    step: Duration,
+    future: F,
+) -> Option<F::Output> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut future = std::pin::pin!(future);
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        let until = deadline.min(now + step);
+        if let Ok(output) = tokio::time::timeout_at(until, &mut future).await {
+            return Some(output);
+        }
+    }
+}
+
 /// Why a body pump stopped early. `Source` is the side bytes come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PumpError {
