@@ -79,19 +79,19 @@ pub fn decode_chunked(pieces: &[&[u8]]) -> Result<(usize, Vec<u8>, u64, bool), &
 /// The route table every fuzz target uses: `/` → `https://upstream.example/base`
 /// injecting `x-api-key`, and `/openai` → `https://api.example/v1` injecting
 /// `authorization`. The injected values are `FUZZ_KEY` and `Bearer FUZZ_KEY`.
-fn fuzz_table() -> crate::route::RouteTable {
+fn fuzz_table() -> Option<crate::route::RouteTable> {
     let routes = vec![
         crate::Route::new("/", "https://upstream.example/base")
-            .expect("static route")
+            .ok()?
             .header("x-api-key", crate::Secret::new(FUZZ_KEY)),
         crate::Route::new("/openai", "https://api.example/v1")
-            .expect("static route")
+            .ok()?
             .header(
                 "authorization",
                 crate::Secret::new(format!("Bearer {FUZZ_KEY}")),
             ),
     ];
-    crate::route::RouteTable::new(routes, None, Vec::new())
+    Some(crate::route::RouteTable::new(routes, None, Vec::new()))
 }
 
 /// The value the fuzz route table injects.
@@ -121,7 +121,7 @@ pub fn forward_request(head_bytes: &[u8]) -> Result<Forwarded, u16> {
         &mut storage[..crate::config::DEFAULT_MAX_HEADERS],
     )
     .map_err(Refusal::status)?;
-    let table = fuzz_table();
+    let table = fuzz_table().ok_or(500u16)?;
     let mut fwd = table.forward(&req, None).map_err(Refusal::status)?;
     Ok(Forwarded {
         head: fwd.head_mut().clone(),
@@ -205,7 +205,9 @@ pub fn run_connection(pieces: &[&[u8]]) -> ConnectionReport {
     };
     let streams: Arc<Mutex<Vec<Recorded>>> = Arc::default();
     let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let table = fuzz_table();
+    let Some(table) = fuzz_table() else {
+        return ConnectionReport::default();
+    };
     let Ok(connector) = crate::upstream::tls_connector(&[]) else {
         return ConnectionReport::default();
     };
