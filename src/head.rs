@@ -53,6 +53,18 @@ impl HeadScan {
     ) -> Result<Scan, Refusal> {
         let mut i = self.pos;
         while i < buf.len() {
+            // Most bytes are neither CR nor LF: skip eight at a time.
+            let limit = buf.len().min(max_bytes);
+            while i + 8 <= limit {
+                let word = buf[i..i + 8].try_into().map_or(0, u64::from_le_bytes);
+                if has_byte_below_14(word) {
+                    break;
+                }
+                i += 8;
+            }
+            if i == buf.len() {
+                break;
+            }
             match buf[i] {
                 b'\n' => {
                     // S5: a bare LF is a line ending httparse accepts and others may not.
@@ -97,6 +109,14 @@ impl HeadScan {
         }
         Ok(Scan::Partial)
     }
+}
+
+/// Might one of the eight bytes be below 14 (so possibly CR or LF)? Never a
+/// false "no"; a false "yes" only sends the scan to its byte loop.
+fn has_byte_below_14(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    word.wrapping_sub(ONES * 14) & !word & HIGHS != 0
 }
 
 /// A validated request head, borrowing the connection's buffer.
@@ -666,6 +686,26 @@ mod tests {
             };
             assert_eq!(end, req.len() - 4);
         }
+    }
+
+    #[test]
+    fn word_skip_never_misses_a_line_ending() {
+        for b in 0u8..=255 {
+            for pos in 0..8 {
+                let mut bytes = [b'a'; 8];
+                bytes[pos] = b;
+                if b < 14 {
+                    assert!(has_byte_below_14(u64::from_le_bytes(bytes)), "{b} at {pos}");
+                }
+            }
+        }
+        assert!(!has_byte_below_14(u64::from_le_bytes(*b"abcdefgh")));
+        let long =
+            b"GET /aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa HTTP/1.1\r\nHost: aaaaaaaaaaaaaaaaaa\r\n\r\n";
+        assert_eq!(scan_all(long).unwrap(), Scan::Complete(long.len()));
+        assert!(
+            scan_all(b"GET /aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa HTTP/1.1\nHost: a\r\n\r\n").is_err()
+        );
     }
 
     #[test]
