@@ -1,9 +1,10 @@
 //! The keyhole command: argument parsing, logging set-up, signals, and the
 //! `listening on` line; everything else is the library.
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyhole::{Limits, Proxy, Route, Secret};
@@ -42,8 +43,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let log = BatchedStderr(Arc::new(Mutex::new(BufWriter::with_capacity(
+        64 * 1024,
+        std::io::stderr(),
+    ))));
+    log.flush_periodically();
+    let writer = log.clone();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(move || writer.clone())
         .with_max_level(cli.log_level)
         .with_target(false)
         .init();
@@ -66,7 +73,46 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli))
+    let code = runtime.block_on(run(cli));
+    log.flush_now();
+    code
+}
+
+/// How often batched log lines reach stderr. One `write` per request line
+/// was one of the seven system calls keyhole made per proxied request.
+const LOG_FLUSH: Duration = Duration::from_millis(100);
+
+/// stderr behind a buffer that a background thread flushes every `LOG_FLUSH`.
+#[derive(Clone)]
+struct BatchedStderr(Arc<Mutex<BufWriter<std::io::Stderr>>>);
+
+impl BatchedStderr {
+    fn flush_now(&self) {
+        if let Ok(mut log) = self.0.lock() {
+            let _ = log.flush();
+        }
+    }
+
+    fn flush_periodically(&self) {
+        let log = self.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(LOG_FLUSH);
+            log.flush_now();
+        });
+    }
+}
+
+impl Write for BatchedStderr {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("log lock poisoned"))?
+            .write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 async fn run(cli: Cli) -> ExitCode {
