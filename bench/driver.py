@@ -704,10 +704,12 @@ def write_benchmarks_md(path, report):
     block = f"{BEGIN}\n{report}\n{END}"
     if os.path.exists(path):
         text = open(path).read()
-        if BEGIN in text and END in text:
-            pre, rest = text.split(BEGIN, 1)
-            post = rest.split(END, 1)[1]
-            text = pre + block + post
+        # Markers count only on lines of their own, so prose may name them.
+        b, e = f"\n{BEGIN}\n", f"\n{END}"
+        if b in text and e in text.split(b, 1)[1]:
+            pre, rest = text.split(b, 1)
+            post = rest.split(e, 1)[1]
+            text = pre + "\n" + block + post
         else:
             text = text.rstrip("\n") + "\n\n## Latest run\n\n" + block + "\n"
     else:
