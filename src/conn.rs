@@ -79,18 +79,30 @@ impl Record {
     /// One line per request. Formatted as a single message because
     /// per-field formatting cost more than the rest of a small request.
     fn log(&self, shared: &Shared, reason: Option<&str>) {
-        tracing::info!(
-            "{} {} route={} status={} in={} out={} ms={}{}{}",
-            self.method,
-            self.path,
-            shared.table.prefix(self.route),
-            self.status,
-            self.bytes_in,
-            self.bytes_out,
-            self.started.elapsed().as_millis(),
-            if reason.is_some() { " refused: " } else { "" },
-            reason.unwrap_or_default(),
-        );
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return;
+        }
+        let mut line = Vec::with_capacity(96 + self.path.len());
+        let route = shared.table.prefix(self.route);
+        for part in [self.method.as_str(), " ", &self.path, " route=", route] {
+            line.extend_from_slice(part.as_bytes());
+        }
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let numbers = [
+            (" status=", u64::from(self.status)),
+            (" in=", self.bytes_in),
+            (" out=", self.bytes_out),
+            (" ms=", ms),
+        ];
+        for (name, value) in numbers {
+            line.extend_from_slice(name.as_bytes());
+            head::push_decimal(&mut line, value);
+        }
+        if let Some(reason) = reason {
+            line.extend_from_slice(b" refused: ");
+            line.extend_from_slice(reason.as_bytes());
+        }
+        tracing::info!("{}", String::from_utf8_lossy(&line));
     }
 }
 
