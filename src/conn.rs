@@ -10,7 +10,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{sleep, timeout, timeout_at};
+use tokio::time::{timeout, timeout_at};
 
 use crate::body::{BodyError, BodyReader};
 use crate::config::{Limits, HEADER_ARRAY_LEN};
@@ -405,11 +405,7 @@ async fn open_and_send(
 
 async fn send_first(conn: &mut Connection, first: &[u8], idle: Duration) -> Result<(), PumpError> {
     relay::write_all(&mut conn.writer, first, idle).await?;
-    match timeout(idle, conn.writer.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(PumpError::SinkIo),
-        Err(_) => Err(PumpError::SinkTimeout),
-    }
+    relay::flush(&mut conn.writer, idle).await
 }
 
 /// The final response head, rewritten for the client (without its
@@ -467,10 +463,4 @@ where
 
 fn body_refusal(err: BodyError) -> Refusal {
     Refusal::BadRequest(err.reason())
-}
-
-/// Kept for the accept loop: a short pause after an accept error such as
-/// running out of file descriptors, so the loop does not spin.
-pub(crate) async fn accept_backoff() {
-    sleep(Duration::from_millis(50)).await;
 }

@@ -204,7 +204,11 @@ pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn flush<W: AsyncWrite + Unpin>(dst: &mut W, idle: Duration) -> Result<(), PumpError> {
+/// Flushes `dst` under the idle timeout.
+pub(crate) async fn flush<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    idle: Duration,
+) -> Result<(), PumpError> {
     match timeout(idle, dst.flush()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(PumpError::SinkIo),

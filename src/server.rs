@@ -211,6 +211,10 @@ impl Drop for ProxyHandle {
     }
 }
 
+/// Pause after an accept error such as running out of file descriptors,
+/// so the loop does not spin while connections close.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -231,7 +235,7 @@ async fn accept_loop(
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %err, "accept failed");
-                conn::accept_backoff().await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
