@@ -333,30 +333,21 @@ impl UpConn {
             .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
         if chunked {
             loop {
-                let line_end = loop {
-                    if let Some(i) = find(&self.buf, b"\r\n") {
-                        break i;
+                let (raw, size) = loop {
+                    if let Some(chunk) = take_chunk(&mut self.buf) {
+                        break chunk.ok()?;
                     }
                     if !self.fill().await {
                         return None;
                     }
                 };
-                let line: Vec<u8> = self.buf.drain(..line_end + 2).collect();
-                req.raw_body.extend_from_slice(&line);
-                let size =
-                    usize::from_str_radix(std::str::from_utf8(&line[..line_end]).ok()?, 16).ok()?;
-                while self.buf.len() < size + 2 {
-                    if !self.fill().await {
-                        return None;
-                    }
-                }
-                let data: Vec<u8> = self.buf.drain(..size + 2).collect();
-                req.raw_body.extend_from_slice(&data);
+                req.raw_body.extend_from_slice(&raw);
                 if size == 0 {
                     break;
                 }
                 req.chunk_sizes.push(size);
-                req.body.extend_from_slice(&data[..size]);
+                req.body
+                    .extend_from_slice(&raw[raw.len() - size - 2..raw.len() - 2]);
             }
         } else if let Some(len) = req.header("content-length") {
             let len: usize = len.parse().ok()?;
@@ -412,6 +403,24 @@ impl UpConn {
             Reply::Close => Err(io::Error::other("closing as asked")),
         }
     }
+}
+
+/// Takes one whole chunk (size line, data, CRLF; for the last chunk just
+/// its size line and the final CRLF) off the front of `buf`: `None` if more
+/// bytes are needed, `Some(Err(()))` if the size line is not hex, else the
+/// raw bytes taken and the chunk size.
+fn take_chunk(buf: &mut Vec<u8>) -> Option<Result<(Vec<u8>, usize), ()>> {
+    let line_end = find(buf, b"\r\n")?;
+    let Some(size) = std::str::from_utf8(&buf[..line_end])
+        .ok()
+        .and_then(|hex| usize::from_str_radix(hex, 16).ok())
+    else {
+        return Some(Err(()));
+    };
+    if buf.len() < line_end + 2 + size + 2 {
+        return None;
+    }
+    Some(Ok((buf.drain(..line_end + 2 + size + 2).collect(), size)))
 }
 
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -520,29 +529,21 @@ impl Client {
         }
         if response.header("transfer-encoding").is_some() {
             loop {
-                let line_end = loop {
-                    if let Some(i) = find(&self.buf, b"\r\n") {
-                        break i;
+                let (raw, size) = loop {
+                    if let Some(chunk) = take_chunk(&mut self.buf) {
+                        break chunk.ok()?;
                     }
                     if !self.fill().await {
                         return None;
                     }
                 };
-                let line: Vec<u8> = self.buf.drain(..line_end + 2).collect();
-                response.raw_body.extend_from_slice(&line);
-                let size =
-                    usize::from_str_radix(std::str::from_utf8(&line[..line_end]).ok()?, 16).ok()?;
-                while self.buf.len() < size + 2 {
-                    if !self.fill().await {
-                        return None;
-                    }
-                }
-                let data: Vec<u8> = self.buf.drain(..size + 2).collect();
-                response.raw_body.extend_from_slice(&data);
+                response.raw_body.extend_from_slice(&raw);
                 if size == 0 {
                     break;
                 }
-                response.body.extend_from_slice(&data[..size]);
+                response
+                    .body
+                    .extend_from_slice(&raw[raw.len() - size - 2..raw.len() - 2]);
             }
         } else if let Some(len) = response.header("content-length") {
             let len: usize = len.parse().ok()?;
