@@ -1,8 +1,9 @@
 //! One client connection: read head → validate → route → upstream → relay →
 //! keep-alive or close. The only file that sequences the steps.
 
+use std::pin::pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use std::future::Future;
 use std::io;
@@ -10,7 +11,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{timeout, timeout_at};
+use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::body::{BodyError, BodyReader};
 use crate::config::{Limits, HEADER_ARRAY_LEN};
@@ -20,8 +21,9 @@ use crate::relay::{self, HeadError, InBuf, PumpError};
 use crate::route::{Forward, RouteTable};
 use crate::upstream::{Connection, Upstream};
 
-/// The server's life cycle, watched by every connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The server's life cycle, watched by every connection; phases only move
+/// forward, in declaration order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Phase {
     /// Serving normally.
     Running,
@@ -64,30 +66,65 @@ enum Next {
     Close,
 }
 
-/// One request's log fields, filled in as it goes.
+/// One request's log fields, filled in as it goes. Kept for the life of
+/// the connection so its line buffer is allocated once, not per request.
 struct Record {
-    method: String,
-    path: String,
+    /// The log line so far: method and path once the head parsed.
+    line: String,
     route: usize,
     status: u16,
     bytes_in: u64,
     bytes_out: u64,
     started: Instant,
+    /// When the exchange ended, if the clock was already read for it.
+    ended: Option<Instant>,
 }
 
 impl Record {
+    fn new() -> Record {
+        Record {
+            line: String::new(),
+            route: usize::MAX,
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            started: Instant::now(),
+            ended: None,
+        }
+    }
+
+    /// Starts the record of a new request at `now`.
+    fn reset(&mut self, now: Instant) {
+        self.line.clear();
+        self.line.push_str("- -");
+        self.route = usize::MAX;
+        self.status = 0;
+        self.bytes_in = 0;
+        self.bytes_out = 0;
+        self.started = now;
+        self.ended = None;
+    }
+
+    /// Names the request: its method and path (never the query, which may
+    /// carry a credential).
+    fn name(&mut self, method: &str, path: &str) {
+        self.line.clear();
+        self.line.push_str(method);
+        self.line.push(' ');
+        self.line.push_str(path);
+    }
+
     /// One line per request. Formatted as a single message because
     /// per-field formatting cost more than the rest of a small request.
-    fn log(&self, shared: &Shared, reason: Option<&str>) {
+    fn log(&mut self, shared: &Shared, reason: Option<&str>) {
         if !tracing::enabled!(tracing::Level::INFO) {
             return;
         }
-        let mut line = Vec::with_capacity(96 + self.path.len());
-        let route = shared.table.prefix(self.route);
-        for part in [self.method.as_str(), " ", &self.path, " route=", route] {
-            line.extend_from_slice(part.as_bytes());
-        }
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ended = self.ended.unwrap_or_else(Instant::now);
+        let ms = u64::try_from(ended.saturating_duration_since(self.started).as_millis())
+            .unwrap_or(u64::MAX);
+        self.line.push_str(" route=");
+        self.line.push_str(shared.table.prefix(self.route));
         let numbers = [
             (" status=", u64::from(self.status)),
             (" in=", self.bytes_in),
@@ -95,14 +132,16 @@ impl Record {
             (" ms=", ms),
         ];
         for (name, value) in numbers {
-            line.extend_from_slice(name.as_bytes());
-            head::push_decimal(&mut line, value);
+            self.line.push_str(name);
+            let mut digits = [0; 20];
+            let digits = head::decimal(value, &mut digits);
+            self.line.extend(digits.iter().map(|&d| char::from(d)));
         }
         if let Some(reason) = reason {
-            line.extend_from_slice(b" refused: ");
-            line.extend_from_slice(reason.as_bytes());
+            self.line.push_str(" refused: ");
+            self.line.push_str(reason);
         }
-        tracing::info!("{}", String::from_utf8_lossy(&line));
+        tracing::info!("{}", self.line);
     }
 }
 
@@ -111,9 +150,13 @@ impl Record {
 pub(crate) async fn serve<S: ClientIo>(
     mut stream: S,
     shared: Arc<Shared>,
-    mut phase: watch::Receiver<Phase>,
+    phase: watch::Receiver<Phase>,
 ) {
+    // Both waits are registered once per connection, not once per request.
+    let mut draining = pin!(reached(phase.clone(), Phase::Draining));
+    let mut closing = pin!(reached(phase.clone(), Phase::Closing));
     let mut input = InBuf::default();
+    let mut record = Record::new();
     loop {
         if input.is_empty() {
             // Idle: hold no buffer while waiting for the next request.
@@ -125,19 +168,27 @@ pub(crate) async fn serve<S: ClientIo>(
                 input.read_from(&mut stream).await
             };
             tokio::select! {
+                biased;
                 read = timeout(shared.limits.idle_timeout, first_bytes) => {
                     if !matches!(read, Ok(Ok(n)) if n > 0) {
                         return;
                     }
                 }
-                _ = phase.wait_for(|p| *p != Phase::Running) => return,
+                () = &mut draining => return,
             }
         }
         let draining = *phase.borrow() != Phase::Running;
-        let request = Box::pin(handle_request(&mut stream, &mut input, &shared, draining));
+        let request = Box::pin(handle_request(
+            &mut stream,
+            &mut input,
+            &shared,
+            &mut record,
+            draining,
+        ));
         let next = tokio::select! {
+            biased;
             next = request => next,
-            _ = phase.wait_for(|p| *p == Phase::Closing) => Next::Close,
+            () = &mut closing => Next::Close,
         };
         if next == Next::Close || *phase.borrow() != Phase::Running {
             return;
@@ -145,24 +196,23 @@ pub(crate) async fn serve<S: ClientIo>(
     }
 }
 
+/// Resolves once the server's phase is `at` or later (or the server is gone).
+async fn reached(mut phase: watch::Receiver<Phase>, at: Phase) {
+    let _ = phase.wait_for(|p| *p >= at).await;
+}
+
 async fn handle_request<S: ClientIo>(
     stream: &mut S,
     input: &mut InBuf,
     shared: &Shared,
+    record: &mut Record,
     draining: bool,
 ) -> Next {
     let limits = &shared.limits;
-    let mut record = Record {
-        method: String::from("-"),
-        path: String::from("-"),
-        route: usize::MAX,
-        status: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        started: Instant::now(),
-    };
+    let now = Instant::now();
+    record.reset(now);
     // S15: the head timeout runs from the first byte and is not reset by trickling.
-    let deadline = tokio::time::Instant::now() + limits.head_timeout;
+    let deadline = now + limits.head_timeout;
     let max_headers = limits.max_headers.min(HEADER_ARRAY_LEN);
     let head_len = match timeout_at(
         deadline,
@@ -172,17 +222,16 @@ async fn handle_request<S: ClientIo>(
     {
         Ok(Ok(n)) => n,
         Ok(Err(HeadError::Invalid(refusal))) => {
-            return refuse(stream, refusal, &mut record, shared).await
+            return refuse(stream, refusal, record, shared).await
         }
         Ok(Err(HeadError::Closed | HeadError::Io)) => return Next::Close,
-        Err(_) => return refuse(stream, Refusal::RequestTimeout, &mut record, shared).await,
+        Err(_) => return refuse(stream, Refusal::RequestTimeout, record, shared).await,
     };
     let forward = {
         let mut storage = head::header_array();
         match head::parse_request(&input.data()[..head_len], &mut storage[..max_headers]) {
             Ok(req) => {
-                record.method = req.method.to_owned();
-                record.path = req.path().to_owned();
+                record.name(req.method, req.path());
                 shared.table.forward(&req, limits.max_body_bytes)
             }
             Err(refusal) => Err(refusal),
@@ -191,12 +240,12 @@ async fn handle_request<S: ClientIo>(
     input.consume(head_len);
     let mut forward = match forward {
         Ok(forward) => forward,
-        Err(refusal) => return refuse(stream, refusal, &mut record, shared).await,
+        Err(refusal) => return refuse(stream, refusal, record, shared).await,
     };
     record.route = forward.route();
-    let next = match exchange(stream, input, shared, &mut forward, &mut record, draining).await {
+    let next = match exchange(stream, input, shared, &mut forward, record, draining).await {
         Ok(next) => next,
-        Err(refusal) => return refuse(stream, refusal, &mut record, shared).await,
+        Err(refusal) => return refuse(stream, refusal, record, shared).await,
     };
     record.log(shared, None);
     next
@@ -215,6 +264,7 @@ async fn refuse<S: ClientIo>(
     const LINGER: Duration = Duration::from_secs(2);
     const LINGER_BYTES: usize = 1024 * 1024;
     record.status = refusal.status();
+    record.ended = None;
     record.log(shared, Some(refusal.reason()));
     let sent = timeout(LINGER, stream.write_all(&refusal.response())).await;
     if matches!(sent, Ok(Ok(()))) && stream.shutdown().await.is_ok() {
@@ -266,7 +316,7 @@ async fn exchange<S: ClientIo>(
             return Err(Refusal::PayloadTooLarge);
         }
     }
-    let mut conn = open_and_send(upstream, limits, out).await?;
+    let mut conn = open_and_send(upstream, limits, out, record.started).await?;
     out.clear();
 
     if expect_continue && !request_body.is_done() && input.is_empty() {
@@ -277,45 +327,59 @@ async fn exchange<S: ClientIo>(
 
     let mut response_in = InBuf::default();
     let mut request_complete = request_body.is_done();
-    let response = {
-        let Connection { reader, writer, .. } = &mut conn;
-        let head_future = read_final_head(reader, &mut response_in, is_head);
+    let response = if request_complete {
+        // The usual case: the whole request left with the head.
+        relay::timeout_in_steps(
+            record.started,
+            limits.upstream_timeout,
+            idle,
+            read_final_head(&mut conn.stream, &mut response_in, is_head),
+        )
+        .await
+        .ok_or(Refusal::GatewayTimeout("upstream response timed out"))??
+    } else {
+        // The body is sent while the response head is awaited: the
+        // upstream may answer early (an error) and stop reading.
+        let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
+        let head_future = read_final_head(&mut reader, &mut response_in, is_head);
         let mut head_future = std::pin::pin!(head_future);
-        let mut early = None;
-        if !request_complete {
-            let pump = relay::pump(
-                &mut *stream,
-                input,
-                writer,
-                &mut request_body,
-                out,
-                idle,
-                limits.max_body_bytes,
-            );
-            tokio::select! {
-                sent = pump => match sent {
-                    Ok(()) => request_complete = true,
-                    // The upstream may have answered and stopped reading:
-                    // its response, if any, is still worth relaying.
-                    Err(PumpError::SinkIo) => {}
-                    Err(PumpError::SinkTimeout) => return Err(Refusal::GatewayTimeout("upstream stopped reading the request")),
-                    Err(PumpError::SourceTimeout) => return Err(Refusal::RequestTimeout),
-                    Err(PumpError::SourceClosed | PumpError::SourceIo) => {
-                        record.status = 499;
-                        record.bytes_in = request_body.payload();
-                        return Ok(Next::Close);
-                    }
-                    Err(PumpError::Framing(err)) => return Err(body_refusal(err)),
-                    Err(PumpError::TooLarge) => return Err(Refusal::PayloadTooLarge),
-                },
-                head = &mut head_future => early = Some(head),
-            }
-        }
+        let pump = relay::pump(
+            &mut *stream,
+            input,
+            &mut writer,
+            &mut request_body,
+            out,
+            idle,
+            limits.max_body_bytes,
+        );
+        let early = tokio::select! {
+            sent = pump => match sent {
+                Ok(()) => {
+                    request_complete = true;
+                    None
+                }
+                // The upstream may have answered and stopped reading:
+                // its response, if any, is still worth relaying.
+                Err(PumpError::SinkIo) => None,
+                Err(PumpError::SinkTimeout) => return Err(Refusal::GatewayTimeout("upstream stopped reading the request")),
+                Err(PumpError::SourceTimeout) => return Err(Refusal::RequestTimeout),
+                Err(PumpError::SourceClosed | PumpError::SourceIo) => {
+                    record.status = 499;
+                    record.bytes_in = request_body.payload();
+                    return Ok(Next::Close);
+                }
+                Err(PumpError::Framing(err)) => return Err(body_refusal(err)),
+                Err(PumpError::TooLarge) => return Err(Refusal::PayloadTooLarge),
+            },
+            head = &mut head_future => Some(head),
+        };
         match early {
             Some(head) => head?,
-            None => relay::timeout_in_steps(limits.upstream_timeout, idle, head_future)
-                .await
-                .ok_or(Refusal::GatewayTimeout("upstream response timed out"))??,
+            None => {
+                relay::timeout_in_steps(Instant::now(), limits.upstream_timeout, idle, head_future)
+                    .await
+                    .ok_or(Refusal::GatewayTimeout("upstream response timed out"))??
+            }
         }
     };
     record.bytes_in = request_body.payload();
@@ -344,7 +408,7 @@ async fn exchange<S: ClientIo>(
         response_in.consume(n);
     }
     let relayed = relay::pump(
-        &mut conn.reader,
+        &mut conn.stream,
         &mut response_in,
         stream,
         &mut response_body,
@@ -363,9 +427,11 @@ async fn exchange<S: ClientIo>(
         };
         return Ok(Next::Close);
     }
+    let ended = Instant::now();
+    record.ended = Some(ended);
     // R4: only a connection whose exchange ended cleanly goes back.
     if request_complete && !response.close && response_in.is_empty() {
-        upstream.put_idle(conn, limits.pool_max_idle);
+        upstream.put_idle(conn, limits.pool_max_idle, ended.into_std());
     }
     Ok(if client_close {
         Next::Close
@@ -381,8 +447,9 @@ async fn open_and_send(
     upstream: &Upstream,
     limits: &Limits,
     first: &[u8],
+    now: Instant,
 ) -> Result<Connection, Refusal> {
-    if let Some(mut conn) = upstream.take_idle(limits.pool_idle_timeout) {
+    if let Some(mut conn) = upstream.take_idle(limits.pool_idle_timeout, now.into_std()) {
         if send_first(&mut conn, first, limits.idle_timeout)
             .await
             .is_ok()
@@ -404,8 +471,8 @@ async fn open_and_send(
 }
 
 async fn send_first(conn: &mut Connection, first: &[u8], idle: Duration) -> Result<(), PumpError> {
-    relay::write_all(&mut conn.writer, first, idle).await?;
-    relay::flush(&mut conn.writer, idle).await
+    relay::write_all(&mut conn.stream, first, idle).await?;
+    relay::flush(&mut conn.stream, idle).await
 }
 
 /// The final response head, rewritten for the client (without its
@@ -447,7 +514,10 @@ where
             input.consume(head_len);
             continue;
         }
-        let mut head = Vec::with_capacity(head_len + 64);
+        // Room for the body bytes that came with the head, which usually
+        // leave in the same write (bounded: more goes out in later writes).
+        let with_head = (input.data().len() - head_len).min(16 * 1024);
+        let mut head = Vec::with_capacity(head_len + 64 + with_head);
         head::write_response_head(&mut head, &res);
         let response = Response {
             head,

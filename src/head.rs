@@ -6,7 +6,7 @@
 //! alone is enforced here, each marked with its rule id (S1–S16, R1–R3).
 //! Pure functions over bytes: no IO, no clocks.
 
-use crate::config::{is_control, is_token, HEADER_ARRAY_LEN};
+use crate::config::{is_token, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
 
 /// How a message body is delimited (RFC 9112 §6).
@@ -52,18 +52,18 @@ impl HeadScan {
         max_lines: usize,
     ) -> Result<Scan, Refusal> {
         let mut i = self.pos;
+        let limit = buf.len().min(max_bytes);
         while i < buf.len() {
-            // Most bytes are neither CR nor LF: skip eight at a time.
-            let limit = buf.len().min(max_bytes);
-            while i + 8 <= limit {
+            // Most bytes are neither CR nor LF: look at eight at a time and
+            // jump straight to the first that might be.
+            if i + 8 <= limit {
                 let word = buf[i..i + 8].try_into().map_or(0, u64::from_le_bytes);
-                if has_byte_below_14(word) {
-                    break;
+                let below_14 = bytes_below_14(word);
+                if below_14 == 0 {
+                    i += 8;
+                    continue;
                 }
-                i += 8;
-            }
-            if i == buf.len() {
-                break;
+                i += (below_14.trailing_zeros() / 8) as usize;
             }
             match buf[i] {
                 b'\n' => {
@@ -111,12 +111,13 @@ impl HeadScan {
     }
 }
 
-/// Might one of the eight bytes be below 14 (so possibly CR or LF)? Never a
-/// false "no"; a false "yes" only sends the scan to its byte loop.
-fn has_byte_below_14(word: u64) -> bool {
+/// The high bit of each of the eight bytes that may be below 14 (so
+/// possibly CR or LF). The lowest marked byte is exactly the first byte
+/// below 14: a borrow only runs upwards from a byte that was below 14.
+fn bytes_below_14(word: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    word.wrapping_sub(ONES * 14) & !word & HIGHS != 0
+    word.wrapping_sub(ONES * 14) & !word & HIGHS
 }
 
 /// A validated request head, borrowing the connection's buffer.
@@ -202,9 +203,8 @@ pub(crate) fn parse_request<'h, 'b>(
         if name.contains(&b'_') {
             return Err(Refusal::BadRequest("underscore in header name"));
         }
-        if h.value.iter().any(|&b| is_control(b) && b != b'\t') {
-            return Err(Refusal::BadRequest("control byte in header value"));
-        }
+        // S6: httparse has already refused every control byte but HTAB in
+        // a value (see the test `control_bytes_in_values_are_refused`).
         let value = trim(h.value);
         let interpreted = |v: &[u8]| v.is_ascii();
         if h.name.eq_ignore_ascii_case("host") {
@@ -511,9 +511,7 @@ pub(crate) fn parse_response<'h, 'b>(
     let mut codings = 0;
     let mut chunked = false;
     for h in headers {
-        if h.value.iter().any(|&b| is_control(b) && b != b'\t') {
-            return Err(Refusal::BadGateway("control byte in upstream header"));
-        }
+        // R3: httparse has already refused control bytes, as for requests.
         let value = trim(h.value);
         if h.name.eq_ignore_ascii_case("content-length") {
             lengths += 1;
@@ -593,6 +591,13 @@ pub(crate) fn nominated<'a>(headers: &'a [httparse::Header<'_>]) -> impl Iterato
         .flat_map(|h| list_items(h.value))
 }
 
+/// Do the `Connection` fields nominate anything besides `keep-alive` (which
+/// is stripped anyway)? Most messages carry only `keep-alive`, and then no
+/// field needs checking against the nominations one by one.
+pub(crate) fn nominates_others(headers: &[httparse::Header<'_>]) -> bool {
+    nominated(headers).any(|n| !n.eq_ignore_ascii_case(b"keep-alive"))
+}
+
 /// Is `name` in the `Connection` nominations?
 pub(crate) fn is_nominated(headers: &[httparse::Header<'_>], name: &str) -> bool {
     nominated(headers).any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
@@ -607,10 +612,7 @@ pub(crate) fn write_response_head(out: &mut Vec<u8>, res: &ResponseHead<'_, '_>)
     out.push(b' ');
     out.extend_from_slice(res.reason);
     out.extend_from_slice(b"\r\n");
-    let nominates = res
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("connection"));
+    let nominates = nominates_others(res.headers);
     for h in res.headers {
         if is_hop_by_hop(h.name) || (nominates && is_nominated(res.headers, h.name)) {
             continue;
@@ -643,8 +645,12 @@ pub(crate) fn write_response_head(out: &mut Vec<u8>, res: &ResponseHead<'_, '_>)
 }
 
 /// Appends `n` in decimal, without the formatting machinery or an allocation.
-pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
+pub(crate) fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(decimal(n, &mut [0; 20]));
+}
+
+/// `n` in decimal ASCII digits, written into `digits`.
+pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -654,7 +660,7 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[i..]);
+    &digits[i..]
 }
 
 #[cfg(test)]
@@ -689,17 +695,52 @@ mod tests {
     }
 
     #[test]
+    fn control_bytes_in_values_are_refused() {
+        // parse_request and parse_response rely on httparse for this (S6, R3).
+        for b in (0u8..0x20).chain([0x7f]).filter(|&b| b != b'\t') {
+            let mut req = b"GET / HTTP/1.1\r\nHost: a\r\nX: a".to_vec();
+            req.extend_from_slice(&[b, b'b', b'\r', b'\n', b'\r', b'\n']);
+            assert!(parse(&req).is_err(), "request with {b:#x}");
+            let mut res = b"HTTP/1.1 200 OK\r\nX: a".to_vec();
+            res.extend_from_slice(&[b, b'b', b'\r', b'\n', b'\r', b'\n']);
+            let mut storage = header_array();
+            assert!(
+                parse_response(&res, &mut storage, false).is_err(),
+                "response with {b:#x}"
+            );
+        }
+    }
+
+    #[test]
     fn word_skip_never_misses_a_line_ending() {
         for b in 0u8..=255 {
             for pos in 0..8 {
                 let mut bytes = [b'a'; 8];
                 bytes[pos] = b;
+                let marked = bytes_below_14(u64::from_le_bytes(bytes));
                 if b < 14 {
-                    assert!(has_byte_below_14(u64::from_le_bytes(bytes)), "{b} at {pos}");
+                    assert_eq!(marked.trailing_zeros() / 8, pos as u32, "{b} at {pos}");
+                } else {
+                    assert_eq!(marked, 0, "{b} at {pos}");
                 }
             }
         }
-        assert!(!has_byte_below_14(u64::from_le_bytes(*b"abcdefgh")));
+        // Whatever follows the first byte below 14 (more such bytes, bytes
+        // with the high bit) never moves the mark.
+        for pos in 0..8 {
+            for fill in [0u8, 9, 13, 14, 0x7f, 0x80, 0xff] {
+                let mut bytes = [fill; 8];
+                bytes[..pos].fill(b'x');
+                bytes[pos] = b'\r';
+                let marked = bytes_below_14(u64::from_le_bytes(bytes));
+                assert_eq!(
+                    marked.trailing_zeros() / 8,
+                    pos as u32,
+                    "{fill} after {pos}"
+                );
+            }
+        }
+        assert_eq!(bytes_below_14(u64::from_le_bytes(*b"abcdefgh")), 0);
         let long =
             b"GET /aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa HTTP/1.1\r\nHost: aaaaaaaaaaaaaaaaaa\r\n\r\n";
         assert_eq!(scan_all(long).unwrap(), Scan::Complete(long.len()));

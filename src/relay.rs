@@ -2,11 +2,14 @@
 //! with an idle timeout on every read and write (never a total timeout: a
 //! ten-minute SSE stream that keeps sending must survive).
 
+use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::body::{BodyError, BodyReader};
 use crate::error::Refusal;
@@ -149,26 +152,42 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin>(
     }
 }
 
-/// Awaits `future` for at most `limit`, arming timers of at most `step` at a
-/// time. tokio wakes its driver through an eventfd whenever a new timer is
-/// due before every pending one; when every long wait uses the same step,
-/// new timers always fall after existing ones and that costs nothing.
-pub(crate) async fn timeout_in_steps<F: std::future::Future>(
+/// Awaits `future` for at most `limit` from `start`, arming timers of at
+/// most `step` at a time. tokio wakes its driver through an eventfd whenever
+/// a new timer is due before every pending one; when every long wait uses
+/// the same step, new timers always fall after existing ones and that costs
+/// nothing.
+pub(crate) async fn timeout_in_steps<F: Future>(
+    start: Instant,
     limit: Duration,
     step: Duration,
     future: F,
 ) -> Option<F::Output> {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut future = std::pin::pin!(future);
+    let deadline = start + limit;
+    let mut future = pin!(future);
+    let mut now = start;
     loop {
-        let now = tokio::time::Instant::now();
         if now >= deadline {
             return None;
         }
         let until = deadline.min(now + step);
-        if let Ok(output) = tokio::time::timeout_at(until, &mut future).await {
+        if let Ok(output) = timeout_at(until, &mut future).await {
             return Some(output);
         }
+        now = Instant::now();
+    }
+}
+
+/// Awaits `future` for at most `idle`, reading the clock and arming a timer
+/// only if it does not complete at once. Most writes, flushes and reads of
+/// bytes already waiting do, and on a virtual machine a clock read costs
+/// about as much as the rest of such a call.
+pub(crate) async fn within<F: Future>(idle: Duration, future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    let first = poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => timeout(idle, future).await.ok(),
     }
 }
 
@@ -197,10 +216,10 @@ pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
     bytes: &[u8],
     idle: Duration,
 ) -> Result<(), PumpError> {
-    match timeout(idle, dst.write_all(bytes)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(PumpError::SinkIo),
-        Err(_) => Err(PumpError::SinkTimeout),
+    match within(idle, dst.write_all(bytes)).await {
+        Some(Ok(())) => Ok(()),
+        Some(Err(_)) => Err(PumpError::SinkIo),
+        None => Err(PumpError::SinkTimeout),
     }
 }
 
@@ -209,10 +228,10 @@ pub(crate) async fn flush<W: AsyncWrite + Unpin>(
     dst: &mut W,
     idle: Duration,
 ) -> Result<(), PumpError> {
-    match timeout(idle, dst.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(PumpError::SinkIo),
-        Err(_) => Err(PumpError::SinkTimeout),
+    match within(idle, dst.flush()).await {
+        Some(Ok(())) => Ok(()),
+        Some(Err(_)) => Err(PumpError::SinkIo),
+        None => Err(PumpError::SinkTimeout),
     }
 }
 
@@ -259,10 +278,10 @@ where
         if body.is_done() {
             return Ok(());
         }
-        match timeout(idle, input.read_from(src)).await {
-            Err(_) => return Err(PumpError::SourceTimeout),
-            Ok(Err(_)) => return Err(PumpError::SourceIo),
-            Ok(Ok(0)) => {
+        match within(idle, input.read_from(src)).await {
+            None => return Err(PumpError::SourceTimeout),
+            Some(Err(_)) => return Err(PumpError::SourceIo),
+            Some(Ok(0)) => {
                 if !body.finish_at_close(out) {
                     return Err(PumpError::SourceClosed);
                 }
@@ -270,7 +289,7 @@ where
                 out.clear();
                 return flush(dst, idle).await;
             }
-            Ok(Ok(_)) => {}
+            Some(Ok(_)) => {}
         }
     }
 }

@@ -176,27 +176,19 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-/// The upstream target: the URL's path, the rest of the client's path after
-/// the prefix, and the query, byte for byte (S4: never decoded or normalised).
-pub(crate) fn rewrite_target(
-    url: &UpstreamUrl,
-    prefix: &str,
-    target: &str,
-    path_len: usize,
-) -> String {
-    let rest = if prefix == "/" {
-        &target[..path_len]
-    } else {
-        &target[prefix.len()..path_len]
-    };
-    let mut out = String::with_capacity(url.path.len() + target.len() + 1);
-    out.push_str(&url.path);
-    out.push_str(rest);
-    if out.is_empty() {
-        out.push('/');
+/// Appends the upstream target: the URL's path, the rest of the client's
+/// path after the prefix, and the query, byte for byte (S4: never decoded or
+/// normalised).
+fn push_target(out: &mut Vec<u8>, url: &UpstreamUrl, prefix: &str, target: &str, path_len: usize) {
+    let target = target.as_bytes();
+    let skip = if prefix == "/" { 0 } else { prefix.len() };
+    let rest = target.get(skip..path_len).unwrap_or_default();
+    out.extend_from_slice(url.path.as_bytes());
+    out.extend_from_slice(rest);
+    if url.path.is_empty() && rest.is_empty() {
+        out.push(b'/');
     }
-    out.push_str(&target[path_len..]);
-    out
+    out.extend_from_slice(target.get(path_len..).unwrap_or_default());
 }
 
 /// Should this client header be dropped before forwarding (S11, S13)?
@@ -218,22 +210,20 @@ fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route, nominates: 
 }
 
 fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8> {
-    let target = rewrite_target(&route.upstream, &route.prefix, req.target, req.path_len);
     let mut out = Vec::with_capacity(256 + req.target.len() + req.headers.len() * 48);
-    for part in [
-        req.method,
-        " ",
-        &target,
-        " HTTP/1.1\r\nhost: ",
-        &route.upstream.authority,
-        "\r\n",
-    ] {
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    push_target(
+        &mut out,
+        &route.upstream,
+        &route.prefix,
+        req.target,
+        req.path_len,
+    );
+    for part in [" HTTP/1.1\r\nhost: ", &route.upstream.authority, "\r\n"] {
         out.extend_from_slice(part.as_bytes());
     }
-    let nominates = req
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("connection"));
+    let nominates = head::nominates_others(req.headers);
     for h in req.headers {
         if is_stripped(h.name, req, route, nominates) {
             continue;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
@@ -97,21 +97,20 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// One upstream connection, split so the request body can be sent while
-/// the response head is awaited.
+/// One upstream connection. Not split into halves up front: most requests
+/// are sent whole before the response is read, and the halves' shared lock
+/// would cost every read and write; `conn` splits it only while a request
+/// body and the response head are in flight together.
 pub(crate) struct Connection {
-    pub(crate) reader: ReadHalf<Stream>,
-    pub(crate) writer: WriteHalf<Stream>,
+    pub(crate) stream: Stream,
     /// Taken from the pool (so it may have been closed by the upstream).
     pub(crate) reused: bool,
 }
 
 impl Connection {
     fn new(stream: Stream) -> Connection {
-        let (reader, writer) = tokio::io::split(stream);
         Connection {
-            reader,
-            writer,
+            stream,
             reused: false,
         }
     }
@@ -123,7 +122,7 @@ impl Connection {
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
         !matches!(
-            Pin::new(&mut self.reader).poll_read(&mut cx, &mut buf),
+            Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf),
             Poll::Pending
         )
     }
@@ -163,10 +162,10 @@ impl Upstream {
     }
 
     /// The most recently used idle connection that is still clean, if any.
-    pub(crate) fn take_idle(&self, max_age: Duration) -> Option<Connection> {
+    pub(crate) fn take_idle(&self, max_age: Duration, now: Instant) -> Option<Connection> {
         let mut idle = self.idle.lock().ok()?;
         while let Some((mut conn, since)) = idle.pop() {
-            if since.elapsed() < max_age && !conn.is_stale() {
+            if now.saturating_duration_since(since) < max_age && !conn.is_stale() {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -175,12 +174,12 @@ impl Upstream {
     }
 
     /// Returns a clean connection to the pool (R4 is the caller's check).
-    pub(crate) fn put_idle(&self, conn: Connection, max_idle: usize) {
+    pub(crate) fn put_idle(&self, conn: Connection, max_idle: usize, now: Instant) {
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() >= max_idle {
                 idle.remove(0);
             }
-            idle.push((conn, Instant::now()));
+            idle.push((conn, now));
         }
     }
 
