@@ -141,7 +141,7 @@ impl Record {
             self.line.push_str(" refused: ");
             self.line.push_str(reason);
         }
-        tracing::info!("{}", self.line);
+        tracing::info!(message = self.line.as_str());
     }
 }
 

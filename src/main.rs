@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use keyhole::{Limits, Proxy, Route, Secret};
 use tracing::field::{Field, Visit};
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::registry::LookupSpan;
+use tracing::span;
 
 const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client-key VALUE]
                [--allow-host NAME]... [--upstream-timeout SECS] [--idle-timeout SECS]
@@ -52,12 +50,14 @@ fn main() -> ExitCode {
         std::io::stderr(),
     ))));
     log.flush_periodically();
-    let writer = log.clone();
-    tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_max_level(cli.log_level)
-        .event_format(LogLine)
-        .init();
+    let subscriber = LogLines {
+        max_level: cli.log_level,
+        out: log.clone(),
+    };
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        eprintln!("keyhole: cannot set up logging");
+        return ExitCode::FAILURE;
+    }
     // On one core (as when pinned with taskset) a single-threaded runtime
     // avoids the work-stealing scheduler's cross-thread bookkeeping.
     let threads = cli
@@ -82,80 +82,105 @@ fn main() -> ExitCode {
     code
 }
 
-/// The log line: `2026-11-25T16:03:28.245123Z INFO message key=value ...`.
-/// Written by hand: tracing-subscriber's default formatter (per-character
-/// escaping, a generic visitor) was a fifth of keyhole's own instructions
-/// per proxied request. keyhole's messages carry only validated request
-/// bytes and fixed texts; other values are written with `Debug`, which escapes.
-struct LogLine;
+/// Writes each event as one line, `2026-11-25T16:03:28.245123Z  INFO
+/// message key=value ...`, to the batched stderr. keyhole has no spans, so a
+/// subscriber is this small; tracing-subscriber's formatter and registry
+/// (per-character escaping, a generic visitor, span bookkeeping) cost more
+/// than the rest of a small proxied request. keyhole's messages carry only
+/// validated request bytes and fixed texts; other values are written with
+/// `Debug`, which escapes.
+struct LogLines {
+    max_level: tracing::Level,
+    out: BatchedStderr,
+}
 
-impl<S, N> FormatEvent<S, N> for LogLine
-where
-    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        _: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> std::fmt::Result {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let secs = now.as_secs();
-        let (year, month, day) = civil_from_days(secs / 86_400);
-        // Fixed-width digits written directly: `write!` padding was most of
-        // the cost of a log line.
-        let mut stamp = *b"0000-00-00T00:00:00.000000Z";
-        for (range, value) in [
-            (0..4, year),
-            (5..7, month),
-            (8..10, day),
-            (11..13, secs / 3600 % 24),
-            (14..16, secs / 60 % 60),
-            (17..19, secs % 60),
-            (20..26, u64::from(now.subsec_micros())),
-        ] {
-            let mut value = value;
-            for digit in stamp[range].iter_mut().rev() {
-                *digit = b'0' + (value % 10) as u8;
-                value /= 10;
-            }
-        }
-        writer.write_str(std::str::from_utf8(&stamp).unwrap_or_default())?;
-        writer.write_str(match *event.metadata().level() {
-            tracing::Level::ERROR => " ERROR",
-            tracing::Level::WARN => "  WARN",
-            tracing::Level::INFO => "  INFO",
-            tracing::Level::DEBUG => " DEBUG",
-            tracing::Level::TRACE => " TRACE",
-        })?;
-        let mut fields = Fields {
-            writer: &mut writer,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writeln!(writer)
+impl tracing::Subscriber for LogLines {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= self.max_level
     }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::from_level(
+            self.max_level,
+        ))
+    }
+
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let Ok(mut out) = self.out.0.lock() else {
+            return;
+        };
+        let out = &mut *out;
+        let _ = out.write_all(&timestamp());
+        let _ = out.write_all(match *event.metadata().level() {
+            tracing::Level::ERROR => b" ERROR",
+            tracing::Level::WARN => b"  WARN",
+            tracing::Level::INFO => b"  INFO",
+            tracing::Level::DEBUG => b" DEBUG",
+            tracing::Level::TRACE => b" TRACE",
+        });
+        event.record(&mut Fields(out));
+        let _ = out.write_all(b"\n");
+    }
+
+    fn enter(&self, _: &span::Id) {}
+
+    fn exit(&self, _: &span::Id) {}
+}
+
+/// The current UTC time as `2026-11-25T16:03:28.245123Z`, written with
+/// fixed-width digits (`write!` padding was most of a log line's cost).
+fn timestamp() -> [u8; 27] {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let mut stamp = *b"0000-00-00T00:00:00.000000Z";
+    for (range, value) in [
+        (0..4, year),
+        (5..7, month),
+        (8..10, day),
+        (11..13, secs / 3600 % 24),
+        (14..16, secs / 60 % 60),
+        (17..19, secs % 60),
+        (20..26, u64::from(now.subsec_micros())),
+    ] {
+        let mut value = value;
+        for digit in stamp[range].iter_mut().rev() {
+            *digit = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    stamp
 }
 
 /// Writes an event's fields: the message as is, the others as `name=value`.
-struct Fields<'a, 'w> {
-    writer: &'a mut Writer<'w>,
-    result: std::fmt::Result,
-}
+struct Fields<'a>(&'a mut BufWriter<std::io::Stderr>);
 
-impl Visit for Fields<'_, '_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if self.result.is_ok() {
-            self.result = if field.name() == "message" {
-                write!(self.writer, " {value:?}")
-            } else {
-                write!(self.writer, " {}={value:?}", field.name())
-            };
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            let _ = self.0.write_all(b" ");
+            let _ = self.0.write_all(value.as_bytes());
+        } else {
+            self.record_debug(field, &value);
         }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let _ = if field.name() == "message" {
+            write!(self.0, " {value:?}")
+        } else {
+            write!(self.0, " {}={value:?}", field.name())
+        };
     }
 }
 
@@ -194,19 +219,6 @@ impl BatchedStderr {
             std::thread::sleep(LOG_FLUSH);
             log.flush_now();
         });
-    }
-}
-
-impl Write for BatchedStderr {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("log lock poisoned"))?
-            .write(bytes)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
