@@ -192,6 +192,21 @@ async fn prints_listening_line_serves_a_route_and_exits_0_on_sigterm() {
         "exactly one line on stdout, then {stdout:?}"
     );
     assert!(!stderr.contains(SECRET), "the key was logged");
+    // One line per request: method, path without the query, route, status,
+    // bytes each way, duration.
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(" status=")).collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    let line = lines[0];
+    assert!(
+        line.contains(" INFO GET /api/v1/models route=/api status=200 in=0 out=36 ms="),
+        "{line}"
+    );
+    assert!(!line.contains("limit=2"), "the query was logged: {line}");
+    assert!(
+        lines[1].contains(" INFO GET /elsewhere route=- status=404 "),
+        "{}",
+        lines[1]
+    );
 }
 
 #[tokio::test]
