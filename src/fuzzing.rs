@@ -296,9 +296,9 @@ async fn memory_upstream(
         };
         let framing = {
             let mut storage = head::header_array();
-            let mut req = httparse::Request::new(&mut storage);
+            let mut req = httparse::Request::new(&mut []);
             if !matches!(
-                req.parse(&input.data()[..head_len]),
+                req.parse_with_uninit_headers(&input.data()[..head_len], &mut storage),
                 Ok(httparse::Status::Complete(_))
             ) {
                 return;
