@@ -66,8 +66,7 @@ enum Next {
     Close,
 }
 
-/// One request's log fields, filled in as it goes. Kept for the life of
-/// the connection so its line buffer is allocated once, not per request.
+/// One request's log fields, filled in as it goes; one per connection.
 struct Record {
     /// The log line so far: method and path once the head parsed.
     line: String,
@@ -96,7 +95,6 @@ impl Record {
     /// Starts the record of a new request at `now`.
     fn reset(&mut self, now: Instant) {
         self.line.clear();
-        self.line.push_str("- -");
         self.route = usize::MAX;
         self.status = 0;
         self.bytes_in = 0;
@@ -109,6 +107,8 @@ impl Record {
     /// carry a credential).
     fn name(&mut self, method: &str, path: &str) {
         self.line.clear();
+        // Room for the whole line, so it is allocated once.
+        self.line.reserve(method.len() + path.len() + 96);
         self.line.push_str(method);
         self.line.push(' ');
         self.line.push_str(path);
@@ -123,6 +123,10 @@ impl Record {
         let ended = self.ended.unwrap_or_else(Instant::now);
         let ms = u64::try_from(ended.saturating_duration_since(self.started).as_millis())
             .unwrap_or(u64::MAX);
+        if self.line.is_empty() {
+            // Refused before the head parsed: no method or path to name.
+            self.line.push_str("- -");
+        }
         self.line.push_str(" route=");
         self.line.push_str(shared.table.prefix(self.route));
         let numbers = [
@@ -152,44 +156,57 @@ pub(crate) async fn serve<S: ClientIo>(
     shared: Arc<Shared>,
     phase: watch::Receiver<Phase>,
 ) {
-    // Both waits are registered once per connection, not once per request.
-    let mut draining = pin!(reached(phase.clone(), Phase::Draining));
-    let mut closing = pin!(reached(phase.clone(), Phase::Closing));
+    // Registered once per connection, not once per request: first the wait
+    // for draining (which ends an idle connection), then, if draining starts
+    // during a request, the wait for closing (which ends that request).
+    let mut shutdown = pin!(reached(phase.clone(), Phase::Draining));
     let mut input = InBuf::default();
     let mut record = Record::new();
     loop {
         if input.is_empty() {
             // Idle: hold no buffer while waiting for the next request.
             input.release();
+            record.line = String::new();
             // Until the first byte the idle timeout applies; the head
             // timeout starts with it (S15).
             let first_bytes = async {
                 stream.readable().await?;
                 input.read_from(&mut stream).await
             };
+            // The idle time runs from the end of the last exchange (whose
+            // clock reading is reused).
+            let idle_since = record.ended.unwrap_or_else(Instant::now);
             tokio::select! {
                 biased;
-                read = timeout(shared.limits.idle_timeout, first_bytes) => {
+                read = timeout_at(idle_since + shared.limits.idle_timeout, first_bytes) => {
                     if !matches!(read, Ok(Ok(n)) if n > 0) {
                         return;
                     }
                 }
-                () = &mut draining => return,
+                () = &mut shutdown => return,
             }
         }
         let draining = *phase.borrow() != Phase::Running;
-        let request = Box::pin(handle_request(
+        let mut request = Box::pin(handle_request(
             &mut stream,
             &mut input,
             &shared,
             &mut record,
             draining,
         ));
-        let next = tokio::select! {
-            biased;
-            next = request => next,
-            () = &mut closing => Next::Close,
+        let next = loop {
+            tokio::select! {
+                biased;
+                next = &mut request => break next,
+                () = &mut shutdown => {
+                    if *phase.borrow() == Phase::Closing {
+                        break Next::Close;
+                    }
+                    shutdown.set(reached(phase.clone(), Phase::Closing));
+                }
+            }
         };
+        drop(request);
         if next == Next::Close || *phase.borrow() != Phase::Running {
             return;
         }
