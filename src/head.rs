@@ -578,17 +578,18 @@ pub(crate) fn parse_response<'h, 'b>(
 /// Hop-by-hop and framing fields keyhole never relays from one side to the
 /// other (S11, S13): it writes its own framing and connection handling.
 pub(crate) fn is_hop_by_hop(name: &str) -> bool {
-    // By length first: most fields are compared with nothing at all.
-    let candidates: &[&str] = match name.len() {
-        2 => &["te"],
-        7 => &["trailer", "upgrade"],
-        10 => &["connection", "keep-alive"],
-        14 => &["http2-settings", "content-length"],
-        16 => &["proxy-connection"],
-        17 => &["transfer-encoding"],
-        _ => &[],
-    };
-    candidates.iter().any(|n| n.eq_ignore_ascii_case(name))
+    const NAMES: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "http2-settings",
+        "transfer-encoding",
+        "content-length",
+    ];
+    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// The header names a message's `Connection` fields nominate as hop-by-hop.
