@@ -1,7 +1,7 @@
 //! One client connection: read head → validate → route → upstream → relay →
 //! keep-alive or close. The only file that sequences the steps.
 
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, timeout_at, Instant, Sleep};
 
 use crate::body::{BodyError, BodyReader};
 use crate::config::{Limits, HEADER_ARRAY_LEN};
@@ -160,6 +160,9 @@ pub(crate) async fn serve<S: ClientIo>(
     // for draining (which ends an idle connection), then, if draining starts
     // during a request, the wait for closing (which ends that request).
     let mut shutdown = pin!(reached(phase.clone(), Phase::Draining));
+    // One timer per connection, moved forward for each wait: for the next
+    // request, then for the upstream's response head (see `timeout_in_steps`).
+    let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
     let mut input = InBuf::default();
     let mut record = Record::new();
     loop {
@@ -176,13 +179,17 @@ pub(crate) async fn serve<S: ClientIo>(
             // The idle time runs from the end of the last exchange (whose
             // clock reading is reused).
             let idle_since = record.ended.unwrap_or_else(Instant::now);
+            timer
+                .as_mut()
+                .reset(idle_since + shared.limits.idle_timeout);
             tokio::select! {
                 biased;
-                read = timeout_at(idle_since + shared.limits.idle_timeout, first_bytes) => {
-                    if !matches!(read, Ok(Ok(n)) if n > 0) {
+                read = first_bytes => {
+                    if !matches!(read, Ok(n) if n > 0) {
                         return;
                     }
                 }
+                () = timer.as_mut() => return,
                 () = &mut shutdown => return,
             }
         }
@@ -192,6 +199,7 @@ pub(crate) async fn serve<S: ClientIo>(
             &mut input,
             &shared,
             &mut record,
+            timer.as_mut(),
             draining,
         ));
         let next = loop {
@@ -223,6 +231,7 @@ async fn handle_request<S: ClientIo>(
     input: &mut InBuf,
     shared: &Shared,
     record: &mut Record,
+    timer: Pin<&mut Sleep>,
     draining: bool,
 ) -> Next {
     let limits = &shared.limits;
@@ -260,7 +269,7 @@ async fn handle_request<S: ClientIo>(
         Err(refusal) => return refuse(stream, refusal, record, shared).await,
     };
     record.route = forward.route();
-    let next = match exchange(stream, input, shared, &mut forward, record, draining).await {
+    let next = match exchange(stream, input, shared, &mut forward, record, timer, draining).await {
         Ok(next) => next,
         Err(refusal) => return refuse(stream, refusal, record, shared).await,
     };
@@ -309,6 +318,7 @@ async fn exchange<S: ClientIo>(
     shared: &Shared,
     forward: &mut Forward,
     record: &mut Record,
+    timer: Pin<&mut Sleep>,
     close_after: bool,
 ) -> Result<Next, Refusal> {
     let limits = &shared.limits;
@@ -347,6 +357,7 @@ async fn exchange<S: ClientIo>(
     let response = if request_complete {
         // The usual case: the whole request left with the head.
         relay::timeout_in_steps(
+            timer,
             record.started,
             limits.upstream_timeout,
             idle,
@@ -392,11 +403,15 @@ async fn exchange<S: ClientIo>(
         };
         match early {
             Some(head) => head?,
-            None => {
-                relay::timeout_in_steps(Instant::now(), limits.upstream_timeout, idle, head_future)
-                    .await
-                    .ok_or(Refusal::GatewayTimeout("upstream response timed out"))??
-            }
+            None => relay::timeout_in_steps(
+                timer,
+                Instant::now(),
+                limits.upstream_timeout,
+                idle,
+                head_future,
+            )
+            .await
+            .ok_or(Refusal::GatewayTimeout("upstream response timed out"))??,
         }
     };
     record.bytes_in = request_body.payload();

@@ -4,12 +4,12 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, Instant, Sleep};
 
 use crate::body::{BodyError, BodyReader};
 use crate::error::Refusal;
@@ -152,12 +152,15 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin>(
     }
 }
 
-/// Awaits `future` for at most `limit` from `start`, arming timers of at
+/// Awaits `future` for at most `limit` from `start`, arming `timer` for at
 /// most `step` at a time. tokio wakes its driver through an eventfd whenever
-/// a new timer is due before every pending one; when every long wait uses
-/// the same step, new timers always fall after existing ones and that costs
-/// nothing.
+/// a timer is set before every pending one; when every long wait uses the
+/// same step, timers always fall after existing ones and that costs nothing.
+/// `timer` is the connection's own: moving a registered timer later is a
+/// compare-and-swap, where a fresh timer per wait took the timer wheel's
+/// lock to insert and again to remove it.
 pub(crate) async fn timeout_in_steps<F: Future>(
+    mut timer: Pin<&mut Sleep>,
     start: Instant,
     limit: Duration,
     step: Duration,
@@ -170,9 +173,11 @@ pub(crate) async fn timeout_in_steps<F: Future>(
         if now >= deadline {
             return None;
         }
-        let until = deadline.min(now + step);
-        if let Ok(output) = timeout_at(until, &mut future).await {
-            return Some(output);
+        timer.as_mut().reset(deadline.min(now + step));
+        tokio::select! {
+            biased;
+            output = &mut future => return Some(output),
+            () = timer.as_mut() => {}
         }
         now = Instant::now();
     }

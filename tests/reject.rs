@@ -1042,6 +1042,44 @@ async fn s15_slowloris_trickle_not_reset_408() {
     .await;
 }
 
+fn with_idle_timeout(b: Builder) -> Builder {
+    b.limits(Limits {
+        idle_timeout: Duration::from_millis(800),
+        ..limits()
+    })
+}
+
+#[tokio::test]
+async fn s15_idle_connection_without_a_request_is_closed() {
+    let up = upstream().await;
+    let proxy = keyhole_v1(&up.up, with_idle_timeout).await;
+    let mut c = Raw::connect(proxy.local_addr()).await;
+    let started = Instant::now();
+    assert!(c.closes_within(Duration::from_secs(5)).await);
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert!(up.up.received().is_empty());
+}
+
+#[tokio::test]
+async fn s15_idle_timer_restarts_with_each_request() {
+    let up = upstream().await;
+    let proxy = keyhole_v1(&up.up, with_idle_timeout).await;
+    let mut c = Raw::connect(proxy.local_addr()).await;
+    // Four requests 500 ms apart: 2 s in all, each gap within the 800 ms.
+    for i in 0..4 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        c.send(&target(&format!("/v1/n{i}"))).await;
+        let r = c.final_response(false).await.expect("still open");
+        assert_eq!((r.status, r.text()), (200, format!("ok:/v1/n{i}")));
+    }
+    // Then silence: closed after the idle time, not before.
+    let quiet = Instant::now();
+    assert!(c.closes_within(Duration::from_secs(5)).await);
+    assert!(quiet.elapsed() >= Duration::from_millis(700));
+}
+
 // ---------------------------------------------------------------------------
 // S16 pipelining and smuggling.
 // ---------------------------------------------------------------------------
