@@ -68,39 +68,42 @@ impl HeadScan {
                 i += (below_14.trailing_zeros() / 8) as usize;
             }
             match buf[i] {
-                b'\n' => {
-                    // S5: a bare LF is a line ending httparse accepts and others may not.
-                    if i == 0 || buf[i - 1] != b'\r' {
-                        return Err(Refusal::BadRequest("bare LF in head"));
-                    }
-                    if i + 1 - self.line_start == 2 {
-                        if self.lines > 0 {
-                            return Ok(Scan::Complete(i + 1));
-                        }
-                        // RFC 9112 §2.2 tolerates one empty line before the
-                        // request line (a client's stray CRLF after a body); more is noise.
-                        if self.leading_empty_line {
-                            return Err(Refusal::BadRequest("empty lines before request line"));
-                        }
-                        self.leading_empty_line = true;
-                    } else {
-                        self.lines += 1;
-                        // The request line plus `max_lines` header lines.
-                        if self.lines > max_lines + 1 {
-                            return Err(Refusal::HeadTooLarge);
-                        }
-                    }
-                    self.line_start = i + 1;
-                }
+                // A line ending: taken as a pair, so any LF met on its own is bare.
                 b'\r' => match buf.get(i + 1) {
                     None => break,
-                    Some(b'\n') => {}
+                    Some(b'\n') => {
+                        let end = i + 2;
+                        // The LF, like every byte, must sit within the limit.
+                        if end > max_bytes + 1 {
+                            return Err(Refusal::HeadTooLarge);
+                        }
+                        if end - self.line_start == 2 {
+                            if self.lines > 0 {
+                                return Ok(Scan::Complete(end));
+                            }
+                            // RFC 9112 §2.2 tolerates one empty line before the
+                            // request line (a client's stray CRLF after a body); more is noise.
+                            if self.leading_empty_line {
+                                return Err(Refusal::BadRequest("empty lines before request line"));
+                            }
+                            self.leading_empty_line = true;
+                        } else {
+                            self.lines += 1;
+                            // The request line plus `max_lines` header lines.
+                            if self.lines > max_lines + 1 {
+                                return Err(Refusal::HeadTooLarge);
+                            }
+                        }
+                        self.line_start = end;
+                        i = end;
+                    }
                     // S5/S6: bare CR.
                     Some(_) => return Err(Refusal::BadRequest("bare CR in head")),
                 },
-                _ => {}
+                // S5: a bare LF is a line ending httparse accepts and others may not.
+                b'\n' => return Err(Refusal::BadRequest("bare LF in head")),
+                _ => i += 1,
             }
-            i += 1;
             if i > max_bytes {
                 return Err(Refusal::HeadTooLarge);
             }
