@@ -510,7 +510,7 @@ async fn send_first(conn: &mut Connection, first: &[u8], idle: Duration) -> Resu
 /// The final response head, rewritten for the client (without its
 /// connection field and final CRLF), and what the relay needs to know.
 struct Response {
-    head: Vec<u8>,
+    head: relay::PooledBuf,
     status: u16,
     framing: Framing,
     close: bool,
@@ -546,10 +546,9 @@ where
             input.consume(head_len);
             continue;
         }
-        // Room for the body bytes that came with the head, which usually
-        // leave in the same write (bounded: more goes out in later writes).
-        let with_head = (input.data().len() - head_len).min(16 * 1024);
-        let mut head = Vec::with_capacity(head_len + 64 + with_head);
+        // The body bytes that came with the head usually join it in this
+        // buffer, to leave in the same write.
+        let mut head = relay::PooledBuf::take();
         head::write_response_head(&mut head, &res);
         let response = Response {
             head,

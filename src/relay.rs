@@ -85,6 +85,37 @@ impl Drop for InBuf {
     }
 }
 
+/// A buffer from the per-thread pool (see `take_buffer`), returned to it when
+/// dropped: for the response head and the body bytes that leave with it,
+/// which are too large for the allocator's fast path.
+pub(crate) struct PooledBuf(Vec<u8>);
+
+impl PooledBuf {
+    /// An empty buffer with `BUF_SIZE` capacity, from the pool if one is spare.
+    pub(crate) fn take() -> PooledBuf {
+        PooledBuf(take_buffer())
+    }
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.0));
+    }
+}
+
 /// Read buffers kept per thread for reuse. Allocating and freeing 64 KiB per
 /// request makes the allocator grow and trim the heap each time: two
 /// syscalls and a run of fresh zeroed pages per request.
