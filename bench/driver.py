@@ -229,6 +229,22 @@ def cpu_seconds(pids):
     return total / CLK_TCK
 
 
+def sleeps(pids):
+    """Voluntary context switches (all threads) summed over pids: how often
+    the proxy blocked waiting for work."""
+    total = 0
+    for p in pids:
+        for t in os.listdir(f"/proc/{p}/task"):
+            try:
+                with open(f"/proc/{p}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+    return total
+
+
 def rss_kib(pids):
     total = 0
     for p in pids:
@@ -484,12 +500,15 @@ def cmd_measure(a):
     def rec(metric, system, value):
         R.setdefault(metric, {}).setdefault(system, []).append(value)
 
+    slept = {}  # system -> voluntary context switches in its last measured run
+
     def measured(system, fn):
         """Run fn, returning (result, proxy CPU seconds used meanwhile)."""
         if system == "direct":
             return fn(), None
-        c0 = cpu_seconds(pids[system])
+        c0, s0 = cpu_seconds(pids[system]), sleeps(pids[system])
         r = fn()
+        slept[system] = sleeps(pids[system]) - s0
         return r, cpu_seconds(pids[system]) - c0
 
     def log(msg):
@@ -533,6 +552,7 @@ def cmd_measure(a):
                         rec(f"p99_{test}", s, r["p99"])
                     if cpu is not None:
                         rec(f"cpu_{test}", s, cpu / r["requests"] * 10000)
+                        rec(f"sleeps_{test}", s, slept[s] / r["requests"])
                 elif test in ("dl_cl", "dl_chunked"):
                     path = "/big" if test == "dl_cl" else "/bigc"
                     (nbytes, secs), cpu = measured(s, lambda: run_curl(
@@ -635,6 +655,8 @@ ROWS = [
     ("cpu_ka16", "proxy CPU s / 10k req, keep-alive 16 conns", "{:.3f}", "lower", ("nginx", 0.8)),
     ("cpu_ka64", "proxy CPU s / 10k req, keep-alive 64 conns", "{:.3f}", "lower", ("nginx", 0.8)),
     ("cpu_close", "proxy CPU s / 10k new connections", "{:.3f}", "lower", ("nginx", 1.0)),
+    ("sleeps_ka16", "proxy sleeps (voluntary context switches) per request, 16 conns", "{:.2f}", "lower", None),
+    ("sleeps_ka64", "proxy sleeps (voluntary context switches) per request, 64 conns", "{:.2f}", "lower", None),
     ("cpug_dl_cl", "proxy CPU s / GB, download Content-Length", "{:.3f}", "lower", ("nginx", 0.8)),
     ("cpug_dl_chunked", "proxy CPU s / GB, download chunked", "{:.3f}", "lower", ("nginx", 0.8)),
     ("cpug_ul_cl", "proxy CPU s / GB, upload Content-Length", "{:.3f}", "lower", ("nginx", 0.8)),
