@@ -5,7 +5,7 @@
 # reference. Everything runs on 127.0.0.1 on free ports, from a temp dir, and
 # every process started here is stopped on exit.
 #
-#   bash bench/run.sh            full run (5 rounds, ~6 minutes), prints the table
+#   bash bench/run.sh            full run (7 rounds, ~8 minutes), prints the table
 #   bash bench/run.sh --quick    3 short rounds (~2 minutes), for a smoke test
 #   add --write                  also put the table into BENCHMARKS.md (only the
 #                                part between the bench markers is replaced)
@@ -38,7 +38,7 @@ KEY=bench-secret   # the credential every proxy injects; the upstreams check it
 if [[ $QUICK == 1 ]]; then
   ROUNDS=3 DURATION=1 TRANSFERS=1 SSE_EVENTS=20 SSE_GAP_MS=10
 else
-  ROUNDS=5 DURATION=3 TRANSFERS=3 SSE_EVENTS=50 SSE_GAP_MS=20
+  ROUNDS=7 DURATION=3 TRANSFERS=3 SSE_EVENTS=50 SSE_GAP_MS=20
 fi
 
 log() { echo "[bench ${SECONDS}s] $*" >&2; }
