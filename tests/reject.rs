@@ -1603,6 +1603,52 @@ async fn r5_upstream_timeout_504() {
     fresh_ok(proxy.local_addr(), "").await;
 }
 
+#[tokio::test]
+async fn r5_upstream_timeout_runs_from_the_request_sent() {
+    // A new upstream connection whose TLS handshake takes 700 ms (a TCP relay
+    // that waits before passing bytes on), and an answer 500 ms after the
+    // request: 1.2 s from the client's request, 0.5 s from sending it. With
+    // a 1 s upstream timeout that is a 200, not a 504.
+    let up = Upstream::start_raw(|mut conn| async move {
+        while let Some(req) = Box::pin(conn.read_request()).await {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = conn.send(ok(&format!("ok:{}", req.target))).await;
+        }
+    })
+    .await;
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let upstream_addr = up.addr;
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let mut server = TcpStream::connect(upstream_addr).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    let route = Route::new("/v1", &format!("https://127.0.0.1:{}/v1", relay_addr.port()))
+        .unwrap()
+        .header("x-api-key", Secret::new(SECRET));
+    let proxy = Proxy::builder()
+        .ca_pem(up.ca_pem.clone())
+        .route(route)
+        .limits(Limits {
+            upstream_timeout: Duration::from_secs(1),
+            ..limits()
+        })
+        .start()
+        .await
+        .unwrap();
+    let mut c = Raw::connect(proxy.local_addr()).await;
+    let started = Instant::now();
+    c.send(&target("/v1/slow-start")).await;
+    let r = c.final_response(false).await.expect("a response");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok:/v1/slow-start"));
+    assert!(started.elapsed() >= Duration::from_millis(1100));
+}
+
 async fn early_answer(reply: &'static [u8]) {
     let up = Upstream::start_raw(move |mut conn| async move {
         if Box::pin(conn.read_head()).await.is_some() {
