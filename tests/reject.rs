@@ -1628,9 +1628,12 @@ async fn r5_upstream_timeout_runs_from_the_request_sent() {
             });
         }
     });
-    let route = Route::new("/v1", &format!("https://127.0.0.1:{}/v1", relay_addr.port()))
-        .unwrap()
-        .header("x-api-key", Secret::new(SECRET));
+    let route = Route::new(
+        "/v1",
+        &format!("https://127.0.0.1:{}/v1", relay_addr.port()),
+    )
+    .unwrap()
+    .header("x-api-key", Secret::new(SECRET));
     let proxy = Proxy::builder()
         .ca_pem(up.ca_pem.clone())
         .route(route)
