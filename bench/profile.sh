@@ -18,19 +18,9 @@ CONNS=${1:-16}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 log() { echo "[profile] $*" >&2; }
 
-need=()
-for tool in nginx:nginx wrk:wrk strace:strace valgrind:valgrind callgrind_annotate:valgrind \
-            openssl:openssl taskset:util-linux; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
-done
-if ((${#need[@]})); then
-  log "installing ${need[*]}"
-  SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
-  $SUDO apt-get update -qq
-  echo exit 101 | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-  $SUDO rm -f /usr/sbin/policy-rc.d
-fi
+source "$REPO/bench/packages.sh"
+need_tools nginx:nginx wrk:wrk strace:strace valgrind:valgrind callgrind_annotate:valgrind \
+           openssl:openssl taskset:util-linux
 
 # A release build with symbols, in its own target dir (the normal build is stripped).
 log "building keyhole with symbols"

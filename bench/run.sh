@@ -45,20 +45,9 @@ log() { echo "[bench ${SECONDS}s] $*" >&2; }
 
 # ---------------------------------------------------------------- packages
 # Debian packages only; installed when a tool is missing.
-need=()
-for tool in nginx:nginx haproxy:haproxy wrk:wrk curl:curl openssl:openssl \
-            python3:python3 taskset:util-linux; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
-done
-if ((${#need[@]})); then
-  log "installing ${need[*]}"
-  SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
-  $SUDO apt-get update -qq
-  # The packages' own service must not start and grab port 80.
-  echo exit 101 | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-  $SUDO rm -f /usr/sbin/policy-rc.d
-fi
+source "$REPO/bench/packages.sh"
+need_tools nginx:nginx haproxy:haproxy wrk:wrk curl:curl openssl:openssl \
+           python3:python3 taskset:util-linux
 if [[ $(nproc) -lt 2 ]]; then
   echo "needs at least 2 CPUs (proxy on CPU 0, load and upstream on CPU 1)" >&2; exit 1
 fi
