@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyhole::{Builder, Limits, Proxy, Route, Secret};
-use support::{find, ok, Pki, Received, Upstream, SECRET, STEP};
+use support::{find, ok, parse_response_head, Pki, Received, Upstream, SECRET, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -129,20 +129,7 @@ impl Raw {
             }
         };
         let head_bytes: Vec<u8> = self.buf.drain(..end + 4).collect();
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut res = httparse::Response::new(&mut headers);
-        res.parse(&head_bytes).ok()?;
-        let status = res.code?;
-        let headers: Vec<(String, String)> = res
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_owned(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
+        let (status, headers) = parse_response_head(&head_bytes)?;
         let mut r = Resp {
             status,
             head: String::from_utf8_lossy(&head_bytes).into_owned(),

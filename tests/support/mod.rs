@@ -500,20 +500,7 @@ impl Client {
             }
         };
         let head_bytes: Vec<u8> = self.buf.drain(..end + 4).collect();
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut res = httparse::Response::new(&mut headers);
-        res.parse(&head_bytes).ok()?;
-        let status = res.code?;
-        let headers: Vec<(String, String)> = res
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_owned(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
+        let (status, headers) = parse_response_head(&head_bytes)?;
         let mut response = Response {
             status,
             head: String::from_utf8_lossy(&head_bytes).into_owned(),
@@ -704,4 +691,24 @@ pub fn route_to(upstream: &Upstream, prefix: &str, base: &str) -> Route {
     Route::new(prefix, &upstream.url(base))
         .unwrap()
         .header("x-api-key", Secret::new(SECRET))
+}
+
+/// A response head's status and fields (names as sent, values lossily as
+/// text); `None` if it does not parse.
+pub fn parse_response_head(head_bytes: &[u8]) -> Option<(u16, Vec<(String, String)>)> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut res = httparse::Response::new(&mut headers);
+    res.parse(head_bytes).ok()?;
+    let status = res.code?;
+    let headers = res
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    Some((status, headers))
 }
