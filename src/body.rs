@@ -339,6 +339,9 @@ impl BodyReader {
     }
 }
 
+/// Transitional name (see the body rewrite).
+pub(crate) type Reframer = BodyReader;
+
 /// Appends a canonical chunk size line.
 fn write_size(out: &mut Vec<u8>, size: u64) {
     const HEX: &[u8; 16] = b"0123456789abcdef";

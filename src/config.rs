@@ -86,6 +86,7 @@ pub(crate) fn is_token(bytes: &[u8]) -> bool {
 
 /// One upstream: requests whose path is `prefix` or starts with `prefix/`
 /// go to `url`, carrying the route's injected headers.
+#[derive(Clone)]
 pub struct Route {
     pub(crate) prefix: String,
     pub(crate) upstream: UpstreamUrl,
@@ -134,29 +135,39 @@ impl Route {
         self
     }
 
-    /// Checks the injected headers: token names, no control bytes in values.
+    /// Checks the injected headers: token names, each name once (the
+    /// upstream would otherwise get two keys), non-empty values without
+    /// control bytes or padding (RFC 9110 §5.5).
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        for (name, value) in &self.headers {
-            if !is_token(name.as_bytes()) {
+        for (i, (name, value)) in self.headers.iter().enumerate() {
+            let framing = ["host", "content-length", "transfer-encoding"].contains(&name.as_str());
+            if !is_token(name.as_bytes()) || framing {
                 return Err(Error::BadHeaderName(name.clone()));
             }
-            if name == "host" || name == "content-length" || name == "transfer-encoding" {
-                return Err(Error::BadHeaderName(name.clone()));
+            if self.headers[..i].iter().any(|(n, _)| n == name) {
+                return Err(Error::DuplicateHeader(self.prefix.clone(), name.clone()));
             }
-            let bytes = value.expose();
-            let padded = bytes.first().is_some_and(|&b| b == b' ')
-                || bytes.last().is_some_and(|&b| b == b' ');
-            if bytes.iter().any(|&b| is_control(b)) || padded {
-                return Err(Error::BadHeaderValue(name.clone()));
-            }
+            check_value(value, name)?;
         }
         if let Some(key) = &self.client_key {
-            if key.expose().is_empty() || key.expose().iter().any(|&b| is_control(b)) {
-                return Err(Error::BadHeaderValue("client key".to_owned()));
-            }
+            check_value(key, "client key")?;
         }
         Ok(())
     }
+}
+
+/// A configured value must be non-empty, unpadded and free of control bytes,
+/// so it can neither vanish nor add a line to the upstream head.
+pub(crate) fn check_value(value: &Secret, what: &str) -> Result<(), Error> {
+    let bytes = value.expose();
+    if bytes.is_empty() {
+        return Err(Error::EmptyValue(what.to_owned()));
+    }
+    let padded = [bytes[0], bytes[bytes.len() - 1]].contains(&b' ');
+    if bytes.iter().any(|&b| is_control(b)) || padded {
+        return Err(Error::BadHeaderValue(what.to_owned()));
+    }
+    Ok(())
 }
 
 fn parse_prefix(prefix: &str) -> Result<String, Error> {
@@ -289,9 +300,10 @@ fn is_loopback(host: &str) -> bool {
 /// Every bound and timeout, with the defaults of the command-line contract.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Largest request head, leading empty lines included (431 beyond).
+    /// Largest request head, leading empty lines included: a head of exactly
+    /// this many bytes passes, one more is 431. 1 byte to 16 MiB.
     pub max_head_bytes: usize,
-    /// Most header lines in a request head (431 beyond); at most 256.
+    /// Most header lines in a request head (431 beyond); 1 to 256.
     pub max_headers: usize,
     /// Most client connections served at once; beyond it a new connection
     /// gets 503 and is closed, so a flood cannot starve the ones in progress.
@@ -311,7 +323,7 @@ pub struct Limits {
     pub tls_timeout: Duration,
     /// How long in-flight requests may still run after shutdown begins.
     pub drain_timeout: Duration,
-    /// Idle upstream connections kept per route.
+    /// Idle upstream connections kept per route; 0 turns pooling off.
     pub pool_max_idle: usize,
     /// How long an idle upstream connection is kept for reuse.
     pub pool_idle_timeout: Duration,
@@ -321,8 +333,48 @@ pub struct Limits {
 pub(crate) const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;
 /// 100 header lines, as the contract says; real SDK requests send about 20.
 pub(crate) const DEFAULT_MAX_HEADERS: usize = 100;
-/// The fixed header array handed to httparse; `Limits::max_headers` is capped to it.
+/// The fixed header array handed to httparse; `Limits::max_headers` is at most this.
 pub(crate) const HEADER_ARRAY_LEN: usize = 256;
+
+/// The longest any timeout may be: `Instant + Duration` panics on overflow,
+/// and a year is beyond any real wait.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Heads beyond this are not HTTP clients; the bound keeps a head's buffer small.
+const MAX_HEAD_BYTES_LIMIT: usize = 16 * 1024 * 1024;
+/// Connection permits are `u32` in tokio's semaphore; a million is far beyond a host's sockets.
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+impl Limits {
+    /// Checks every field once, at start, so no later arithmetic on them can
+    /// overflow or panic; the error names the field.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let bad = |field, why| Err(Error::BadLimit(field, why));
+        if !(1..=MAX_HEAD_BYTES_LIMIT).contains(&self.max_head_bytes) {
+            return bad("max_head_bytes", "must be 1 to 16 MiB");
+        }
+        if !(1..=HEADER_ARRAY_LEN).contains(&self.max_headers) {
+            return bad("max_headers", "must be 1 to 256");
+        }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.max_connections) {
+            return bad("max_connections", "must be 1 to 1,000,000");
+        }
+        let timeouts = [
+            ("head_timeout", self.head_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("upstream_timeout", self.upstream_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("tls_timeout", self.tls_timeout),
+            ("drain_timeout", self.drain_timeout),
+            ("pool_idle_timeout", self.pool_idle_timeout),
+        ];
+        for (field, value) in timeouts {
+            if value.is_zero() || value > MAX_TIMEOUT {
+                return bad(field, "must be more than zero and at most a year");
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Default for Limits {
     fn default() -> Limits {

@@ -1,23 +1,24 @@
 //! One client connection: read head → validate → route → upstream → relay →
-//! keep-alive or close. The only file that sequences the steps.
-
-use std::pin::{pin, Pin};
-use std::sync::Arc;
-use std::time::Duration;
+//! keep-alive or close. The only file that sequences the steps; each step
+//! is a method of `Handler`, which holds the connection's state.
 
 use std::future::Future;
 use std::io;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant, Sleep};
 
-use crate::body::{BodyError, BodyReader};
-use crate::config::{Limits, HEADER_ARRAY_LEN};
+use crate::body::{BodyError, Reframer};
+use crate::config::{Limits, DEFAULT_MAX_HEAD_BYTES, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
 use crate::head::{self, Framing, MAX_INTERIM_RESPONSES};
-use crate::relay::{self, HeadError, InBuf, PumpError};
+use crate::record::Record;
+use crate::relay::{self, HeadError, InBuf, PooledBuf, PumpError};
 use crate::route::{Forward, RouteTable};
 use crate::upstream::{Connection, Upstream};
 
@@ -59,100 +60,35 @@ pub(crate) struct Shared {
     pub(crate) limits: Limits,
 }
 
-/// Whether the client connection may carry another request.
+/// What the connection does once an exchange is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
+    /// Read the next request.
     KeepAlive,
+    /// Close now.
     Close,
+    /// The client may still be sending what keyhole did not read: close
+    /// gently (see `Handler::linger`).
+    Linger,
 }
 
-/// One request's log fields, filled in as it goes; one per connection.
-struct Record {
-    /// The log line so far: method and path once the head parsed.
-    line: String,
-    route: usize,
-    status: u16,
-    bytes_in: u64,
-    bytes_out: u64,
-    started: Instant,
-    /// When the exchange ended, if the clock was already read for it.
-    ended: Option<Instant>,
-}
-
-impl Record {
-    fn new() -> Record {
-        Record {
-            line: String::new(),
-            route: usize::MAX,
-            status: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            started: Instant::now(),
-            ended: None,
-        }
-    }
-
-    /// Starts the record of a new request at `now`.
-    fn reset(&mut self, now: Instant) {
-        self.line.clear();
-        self.route = usize::MAX;
-        self.status = 0;
-        self.bytes_in = 0;
-        self.bytes_out = 0;
-        self.started = now;
-        self.ended = None;
-    }
-
-    /// Names the request: its method and path (never the query, which may
-    /// carry a credential).
-    fn name(&mut self, method: &str, path: &str) {
-        self.line.clear();
-        // Room for the whole line, so it is allocated once.
-        self.line.reserve(method.len() + path.len() + 96);
-        self.line.push_str(method);
-        self.line.push(' ');
-        self.line.push_str(path);
-    }
-
-    /// One line per request. Formatted as a single message because
-    /// per-field formatting cost more than the rest of a small request.
-    fn log(&mut self, shared: &Shared, reason: Option<&str>) {
-        if !tracing::enabled!(tracing::Level::INFO) {
-            return;
-        }
-        let ended = self.ended.unwrap_or_else(Instant::now);
-        let ms = u64::try_from(ended.saturating_duration_since(self.started).as_millis())
-            .unwrap_or(u64::MAX);
-        if self.line.is_empty() {
-            // Refused before the head parsed: no method or path to name.
-            self.line.push_str("- -");
-        }
-        self.line.push_str(" route=");
-        self.line.push_str(shared.table.prefix(self.route));
-        let numbers = [
-            (" status=", u64::from(self.status)),
-            (" in=", self.bytes_in),
-            (" out=", self.bytes_out),
-            (" ms=", ms),
-        ];
-        for (name, value) in numbers {
-            self.line.push_str(name);
-            let mut digits = [0; 20];
-            let digits = head::decimal(value, &mut digits);
-            self.line.extend(digits.iter().map(|&d| char::from(d)));
-        }
-        if let Some(reason) = reason {
-            self.line.push_str(" refused: ");
-            self.line.push_str(reason);
-        }
-        tracing::info!(message = self.line.as_str());
-    }
+/// One client connection's state: the stream, the bytes read from it and
+/// not yet consumed, the log record of the request in progress, and the one
+/// timer every wait uses.
+struct Handler<'a, S> {
+    stream: S,
+    input: InBuf,
+    shared: &'a Shared,
+    record: Record,
+    /// Moved forward for each wait, for the next request and then for the
+    /// upstream's response head (see `relay::timeout_in_steps`).
+    timer: Pin<&'a mut Sleep>,
 }
 
 /// Serves one client connection until it closes, errs, idles out or the
 /// server shuts down.
 pub(crate) async fn serve<S: ClientIo>(
-    mut stream: S,
+    stream: S,
     shared: Arc<Shared>,
     phase: watch::Receiver<Phase>,
 ) {
@@ -160,48 +96,27 @@ pub(crate) async fn serve<S: ClientIo>(
     // for draining (which ends an idle connection), then, if draining starts
     // during a request, the wait for closing (which ends that request).
     let mut shutdown = pin!(reached(phase.clone(), Phase::Draining));
-    // One timer per connection, moved forward for each wait: for the next
-    // request, then for the upstream's response head (see `timeout_in_steps`).
-    let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
-    let mut input = InBuf::default();
-    let mut record = Record::new();
+    let timer = pin!(tokio::time::sleep_until(Instant::now()));
+    let mut handler = Handler {
+        stream,
+        input: InBuf::default(),
+        shared: &shared,
+        record: Record::new(),
+        timer,
+    };
     loop {
-        if input.is_empty() {
-            // Idle: hold no buffer while waiting for the next request.
-            input.release();
-            record.line = String::new();
-            // Until the first byte the idle timeout applies; the head
-            // timeout starts with it (S15).
-            let first_bytes = async {
-                stream.readable().await?;
-                input.read_from(&mut stream).await
-            };
-            // The idle time runs from the end of the last exchange (whose
-            // clock reading is reused).
-            let idle_since = record.ended.unwrap_or_else(Instant::now);
-            timer
-                .as_mut()
-                .reset(idle_since + shared.limits.idle_timeout);
+        if handler.input.is_empty() {
             tokio::select! {
                 biased;
-                read = first_bytes => {
-                    if !matches!(read, Ok(n) if n > 0) {
-                        return;
-                    }
-                }
-                () = timer.as_mut() => return,
+                more = handler.await_request() => if !more {
+                    return;
+                },
                 () = &mut shutdown => return,
             }
         }
         let draining = *phase.borrow() != Phase::Running;
-        let mut request = Box::pin(handle_request(
-            &mut stream,
-            &mut input,
-            &shared,
-            &mut record,
-            timer.as_mut(),
-            draining,
-        ));
+        // Boxed so an idle connection's task does not hold room for it.
+        let mut request = Box::pin(handler.handle_request(draining));
         let next = loop {
             tokio::select! {
                 biased;
@@ -215,334 +130,363 @@ pub(crate) async fn serve<S: ClientIo>(
             }
         };
         drop(request);
-        if next == Next::Close || *phase.borrow() != Phase::Running {
-            return;
+        match next {
+            Next::KeepAlive if *phase.borrow() == Phase::Running => {}
+            Next::Linger => return handler.linger().await,
+            _ => return,
         }
     }
 }
 
 /// Resolves once the server's phase is `at` or later (or the server is gone).
-async fn reached(mut phase: watch::Receiver<Phase>, at: Phase) {
+pub(crate) async fn reached(mut phase: watch::Receiver<Phase>, at: Phase) {
     let _ = phase.wait_for(|p| *p >= at).await;
 }
 
-async fn handle_request<S: ClientIo>(
-    stream: &mut S,
-    input: &mut InBuf,
-    shared: &Shared,
-    record: &mut Record,
-    timer: Pin<&mut Sleep>,
-    draining: bool,
-) -> Next {
-    let limits = &shared.limits;
-    let now = Instant::now();
-    record.reset(now);
-    // S15: the head timeout runs from the first byte and is not reset by trickling.
-    let deadline = now + limits.head_timeout;
-    let max_headers = limits.max_headers.min(HEADER_ARRAY_LEN);
-    let head_len = match timeout_at(
-        deadline,
-        relay::read_head(stream, input, limits.max_head_bytes, max_headers),
-    )
-    .await
-    {
-        Ok(Ok(n)) => n,
-        Ok(Err(HeadError::Invalid(refusal))) => {
-            return refuse(stream, refusal, record, shared).await
-        }
-        Ok(Err(HeadError::Closed | HeadError::Io)) => return Next::Close,
-        Err(_) => return refuse(stream, Refusal::RequestTimeout, record, shared).await,
-    };
-    let forward = {
-        let mut storage = head::header_array();
-        match head::parse_request(&input.data()[..head_len], &mut storage[..max_headers]) {
-            Ok(req) => {
-                record.name(req.method, req.path());
-                shared.table.forward(&req, limits.max_body_bytes)
-            }
-            Err(refusal) => Err(refusal),
-        }
-    };
-    input.consume(head_len);
-    let mut forward = match forward {
-        Ok(forward) => forward,
-        Err(refusal) => return refuse(stream, refusal, record, shared).await,
-    };
-    record.route = forward.route();
-    let next = match exchange(stream, input, shared, &mut forward, record, timer, draining).await {
-        Ok(next) => next,
-        Err(refusal) => return refuse(stream, refusal, record, shared).await,
-    };
-    record.log(shared, None);
-    next
-}
+/// The upstream did not send its response head in time.
+const UPSTREAM_TIMEOUT: Refusal = Refusal::GatewayTimeout("upstream response timed out");
 
-/// Sends a generated response, then closes (S14). Lingers briefly reading
-/// what the client still sends, so the close does not turn into a reset
-/// that destroys the response before the client reads it.
-async fn refuse<S: ClientIo>(
-    stream: &mut S,
-    refusal: Refusal,
-    record: &mut Record,
-    shared: &Shared,
-) -> Next {
-    /// How long and how much to read after a refusal before closing.
-    const LINGER: Duration = Duration::from_secs(2);
-    const LINGER_BYTES: usize = 1024 * 1024;
-    record.status = refusal.status();
-    record.ended = None;
-    record.log(shared, Some(refusal.reason()));
-    let sent = timeout(LINGER, stream.write_all(&refusal.response())).await;
-    if matches!(sent, Ok(Ok(()))) && stream.shutdown().await.is_ok() {
-        let mut sink = InBuf::default();
+impl<S: ClientIo> Handler<'_, S> {
+    /// Waits for the first bytes of the next request, holding no buffer,
+    /// under the idle timeout (the head timeout starts with the first byte,
+    /// docs/strict-profile.md "Limits"). False when the connection is done.
+    async fn await_request(&mut self) -> bool {
+        self.input.release();
+        self.record.release();
+        // The idle time runs from the end of the last exchange (whose clock
+        // reading is reused).
+        let idle_since = self.record.ended.unwrap_or_else(Instant::now);
+        let Handler {
+            stream,
+            input,
+            timer,
+            shared,
+            ..
+        } = self;
+        timer
+            .as_mut()
+            .reset(idle_since + shared.limits.idle_timeout);
+        let first_bytes = async {
+            stream.readable().await?;
+            input.read_from(stream).await
+        };
+        tokio::select! {
+            biased;
+            read = first_bytes => matches!(read, Ok(n) if n > 0),
+            () = timer.as_mut() => false,
+        }
+    }
+
+    /// One request: its head, validated and rewritten, then the exchange.
+    async fn handle_request(&mut self, draining: bool) -> Next {
+        let shared = self.shared;
+        let limits = &shared.limits;
+        let now = Instant::now();
+        self.record.reset(now);
+        // The head timeout runs from the first byte and is not reset by
+        // trickling (RFC 9112 §9.5 leaves the policy to the server).
+        let read = relay::read_head(
+            &mut self.stream,
+            &mut self.input,
+            limits.max_head_bytes,
+            limits.max_headers,
+        );
+        let head_len = match timeout_at(now + limits.head_timeout, read).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(HeadError::Invalid(refusal))) => return self.refuse(refusal).await,
+            Ok(Err(HeadError::Closed | HeadError::Io)) => return Next::Close,
+            Err(_) => return self.refuse(Refusal::RequestTimeout).await,
+        };
+        let forward = {
+            let mut storage = head::header_array();
+            let slots = &mut storage[..limits.max_headers];
+            match head::parse_request(&self.input.data()[..head_len], slots) {
+                Ok(req) => {
+                    self.record.name(req.method, req.path());
+                    shared.table.forward(&req, limits.max_body_bytes)
+                }
+                Err(refusal) => Err(refusal),
+            }
+        };
+        self.input.consume(head_len);
+        let forward = match forward {
+            Ok(forward) => forward,
+            Err(refusal) => return self.refuse(refusal).await,
+        };
+        self.record.route = forward.route();
+        match self.exchange(&forward, draining).await {
+            Ok(next) => {
+                self.record.log(&shared.table, None);
+                next
+            }
+            Err(refusal) => self.refuse(refusal).await,
+        }
+    }
+
+    /// Sends a generated response; the connection then closes (RFC 9112
+    /// §9.6: keyhole cannot know where the refused request ends).
+    async fn refuse(&mut self, refusal: Refusal) -> Next {
+        self.record.status = refusal.status();
+        self.record.ended = None;
+        self.record.log(&self.shared.table, Some(refusal.reason()));
+        let sent = timeout(LINGER, self.stream.write_all(&refusal.response())).await;
+        if matches!(sent, Ok(Ok(()))) {
+            Next::Linger
+        } else {
+            Next::Close
+        }
+    }
+
+    /// Closes after an answer the client may not have read while it was
+    /// still sending: shuts the write side, then reads and discards what
+    /// the client still sends for a moment, so that the close does not turn
+    /// into a reset that destroys the answer before the client reads it
+    /// (RFC 9112 §9.6).
+    async fn linger(&mut self) {
+        if self.stream.shutdown().await.is_err() {
+            return;
+        }
         let mut drained = 0;
         let linger = async {
-            while let Ok(n) = sink.read_from(stream).await {
+            while let Ok(n) = self.input.read_from(&mut self.stream).await {
                 if n == 0 || drained > LINGER_BYTES {
                     break;
                 }
                 drained += n;
-                sink.consume(n);
+                self.input.consume(n);
             }
         };
         let _ = timeout(LINGER, linger).await;
     }
-    Next::Close
-}
 
-/// Forwards one validated request and relays its response. `Err` means
-/// nothing was sent to the client yet and the refusal should be.
-async fn exchange<S: ClientIo>(
-    stream: &mut S,
-    input: &mut InBuf,
-    shared: &Shared,
-    forward: &mut Forward,
-    record: &mut Record,
-    timer: Pin<&mut Sleep>,
-    close_after: bool,
-) -> Result<Next, Refusal> {
-    let limits = &shared.limits;
-    let idle = limits.idle_timeout;
-    let upstream = shared
-        .upstreams
-        .get(forward.route())
-        .ok_or(Refusal::BadGateway("no upstream"))?;
-    let mut request_body = BodyReader::new(forward.framing());
-    let expect_continue = forward.expect_continue();
-    let is_head = forward.is_head();
-    let out = forward.head_mut();
-
-    // The head and whatever body bytes already arrived leave in one write.
-    if !input.is_empty() && !request_body.is_done() {
-        let n = request_body.feed(input.data(), out).map_err(body_refusal)?;
-        input.consume(n);
-        if limits
-            .max_body_bytes
-            .is_some_and(|max| request_body.payload() > max)
-        {
-            return Err(Refusal::PayloadTooLarge);
-        }
-    }
-    let mut conn = open_and_send(upstream, limits, out, record.started).await?;
-    out.clear();
-
-    if expect_continue && !request_body.is_done() && input.is_empty() {
-        relay::write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n", idle)
-            .await
-            .map_err(|_| Refusal::RequestTimeout)?;
-    }
-
-    let mut response_in = InBuf::default();
-    let mut request_complete = request_body.is_done();
-    let response = if request_complete {
-        // The usual case: the whole request left with the head. The wait
-        // runs from when it was sent: on a pooled connection, microseconds
-        // after the request's start (no clock read needed); on a new one,
-        // after the connect and handshake.
-        let sent_at = if conn.reused {
-            record.started
-        } else {
-            Instant::now()
+    /// Forwards one validated request and relays its response. `Err` means
+    /// nothing was sent to the client yet and the refusal should be.
+    async fn exchange(&mut self, forward: &Forward, draining: bool) -> Result<Next, Refusal> {
+        let upstream = (self.shared.upstreams.get(forward.route()))
+            .ok_or(Refusal::BadGateway("no upstream"))?;
+        let mut body = Reframer::new(forward.framing());
+        let (mut conn, mut out) = self.send_request(upstream, forward, &mut body).await?;
+        let Some(response) = self
+            .await_response(&mut conn, forward, &mut body, &mut out)
+            .await?
+        else {
+            return Ok(Next::Close);
         };
-        relay::timeout_in_steps(
-            timer,
-            sent_at,
-            limits.upstream_timeout,
-            idle,
-            read_final_head(&mut conn.stream, &mut response_in, is_head),
-        )
-        .await
-        .ok_or(Refusal::GatewayTimeout("upstream response timed out"))??
-    } else {
-        // The body is sent while the response head is awaited: the
-        // upstream may answer early (an error) and stop reading.
+        self.record.bytes_in = body.payload();
+        let close = draining || forward.close();
+        self.relay_response(upstream, conn, response, close).await
+    }
+
+    /// Sends the head and the body bytes that came with it in one write;
+    /// then, if the client asked, tells it to go on (RFC 9110 §10.1.1).
+    /// Returns the connection and the buffer the rest of the body goes
+    /// through.
+    async fn send_request(
+        &mut self,
+        upstream: &Upstream,
+        forward: &Forward,
+        body: &mut Reframer,
+    ) -> Result<(Connection, PooledBuf), Refusal> {
+        let limits = &self.shared.limits;
+        let mut out = if body.is_done() {
+            PooledBuf::empty()
+        } else {
+            PooledBuf::take()
+        };
+        if !self.input.is_empty() && !body.is_done() {
+            let n = body
+                .feed(self.input.data(), &mut out)
+                .map_err(body_refusal)?;
+            self.input.consume(n);
+            if limits
+                .max_body_bytes
+                .is_some_and(|max| body.payload() > max)
+            {
+                return Err(Refusal::PayloadTooLarge);
+            }
+        }
+        let conn = upstream
+            .send(forward, &out, limits, self.record.started)
+            .await?;
+        out.clear();
+        if forward.expect_continue() && !body.is_done() && self.input.is_empty() {
+            relay::write_all(&mut self.stream, CONTINUE, limits.idle_timeout)
+                .await
+                .map_err(|_| Refusal::RequestTimeout)?;
+        }
+        Ok((conn, out))
+    }
+
+    /// Awaits the final response head. While the request body is still
+    /// coming it is sent meanwhile: the upstream may answer early (an
+    /// error) and stop reading. `None`: the client went away.
+    async fn await_response(
+        &mut self,
+        conn: &mut Connection,
+        forward: &Forward,
+        body: &mut Reframer,
+        out: &mut PooledBuf,
+    ) -> Result<Option<Response>, Refusal> {
+        let limits = &self.shared.limits;
+        let (wait, idle) = (limits.upstream_timeout, limits.idle_timeout);
+        if body.is_done() {
+            // The usual case: the whole request left with the head. The
+            // wait runs from when it was sent: on a pooled connection,
+            // microseconds after the request's start (no clock read
+            // needed); on a new one, after the connect and handshake.
+            let sent_at = if conn.reused {
+                self.record.started
+            } else {
+                Instant::now()
+            };
+            let head = read_final_head(&mut conn.stream, forward.is_head());
+            let response = relay::timeout_in_steps(self.timer.as_mut(), sent_at, wait, idle, head);
+            return Ok(Some(response.await.ok_or(UPSTREAM_TIMEOUT)??));
+        }
         let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
-        let head_future = read_final_head(&mut reader, &mut response_in, is_head);
-        let mut head_future = std::pin::pin!(head_future);
+        let mut head = pin!(read_final_head(&mut reader, forward.is_head()));
+        let max_body = limits.max_body_bytes;
         let pump = relay::pump(
-            &mut *stream,
-            input,
+            &mut self.stream,
+            &mut self.input,
             &mut writer,
-            &mut request_body,
+            body,
             out,
             idle,
-            limits.max_body_bytes,
+            max_body,
         );
-        let early = tokio::select! {
-            sent = pump => match sent {
-                Ok(()) => {
-                    request_complete = true;
-                    None
-                }
-                // The upstream may have answered and stopped reading:
-                // its response, if any, is still worth relaying.
-                Err(PumpError::SinkIo) => None,
-                Err(PumpError::SinkTimeout) => return Err(Refusal::GatewayTimeout("upstream stopped reading the request")),
-                Err(PumpError::SourceTimeout) => return Err(Refusal::RequestTimeout),
-                Err(PumpError::SourceClosed | PumpError::SourceIo) => {
-                    record.status = 499;
-                    record.bytes_in = request_body.payload();
-                    return Ok(Next::Close);
-                }
-                Err(PumpError::Framing(err)) => return Err(body_refusal(err)),
-                Err(PumpError::TooLarge) => return Err(Refusal::PayloadTooLarge),
-            },
-            head = &mut head_future => Some(head),
-        };
-        match early {
-            Some(head) => head?,
-            None => relay::timeout_in_steps(
-                timer,
-                Instant::now(),
-                limits.upstream_timeout,
-                idle,
-                head_future,
-            )
-            .await
-            .ok_or(Refusal::GatewayTimeout("upstream response timed out"))??,
-        }
-    };
-    record.bytes_in = request_body.payload();
-    record.status = response.status;
-
-    // From here on the client has (or may have) bytes of the response: a
-    // failure can only close the connection, never produce a new status.
-    // An upstream `Connection: close` only keeps that upstream connection
-    // out of the pool; the client's connection can go on.
-    let client_close = close_after
-        || forward.close()
-        || !request_complete
-        || response.framing == Framing::UntilClose;
-    let mut out = response.head;
-    if client_close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    let mut response_body = BodyReader::new(response.framing);
-    // Body bytes that came with the head are checked before the head is
-    // sent, so bad framing there is still a clean 502 (R5).
-    if !response_in.is_empty() && !response_body.is_done() {
-        let n = response_body
-            .feed(response_in.data(), &mut out)
-            .map_err(|_| Refusal::BadGateway("malformed upstream response body"))?;
-        response_in.consume(n);
-    }
-    let relayed = relay::pump(
-        &mut conn.stream,
-        &mut response_in,
-        stream,
-        &mut response_body,
-        &mut out,
-        idle,
-        None,
-    )
-    .await;
-    record.bytes_out = response_body.payload();
-    if let Err(err) = relayed {
-        tracing::debug!(?err, "response relay stopped");
-        record.status = if matches!(err, PumpError::SinkIo | PumpError::SinkTimeout) {
-            499
-        } else {
-            502
-        };
-        return Ok(Next::Close);
-    }
-    let ended = Instant::now();
-    record.ended = Some(ended);
-    // R4: only a connection whose exchange ended cleanly goes back.
-    if request_complete && !response.close && response_in.is_empty() {
-        upstream.put_idle(conn, limits.pool_max_idle, ended.into_std());
-    }
-    Ok(if client_close {
-        Next::Close
-    } else {
-        Next::KeepAlive
-    })
-}
-
-/// Takes an idle connection or opens one, and sends the first bytes. A
-/// pooled connection the upstream closed meanwhile fails that first write;
-/// then, since the bytes are all still here, a fresh connection gets them.
-async fn open_and_send(
-    upstream: &Upstream,
-    limits: &Limits,
-    first: &[u8],
-    now: Instant,
-) -> Result<Connection, Refusal> {
-    if let Some(mut conn) = upstream.take_idle(limits.pool_idle_timeout, now.into_std()) {
-        if send_first(&mut conn, first, limits.idle_timeout)
-            .await
-            .is_ok()
-        {
-            return Ok(conn);
-        }
-        tracing::debug!("pooled upstream connection was closed; retrying on a new one");
-    }
-    let mut conn = upstream.connect(limits).await?;
-    send_first(&mut conn, first, limits.idle_timeout)
-        .await
-        .map_err(|err| match err {
-            PumpError::SinkTimeout => {
-                Refusal::GatewayTimeout("upstream stopped reading the request")
+        let sent = tokio::select! {
+            sent = pump => sent,
+            early = &mut head => {
+                let mut early = early?;
+                early.request_complete = false;
+                return Ok(Some(early));
             }
-            _ => Refusal::BadGateway("upstream connection failed"),
-        })?;
-    Ok(conn)
+        };
+        let request_complete = match sent {
+            Ok(()) => true,
+            // The upstream may have answered and stopped reading: its
+            // response, if any, is still worth relaying.
+            Err(PumpError::SinkIo) => false,
+            Err(PumpError::SinkTimeout) => {
+                return Err(Refusal::GatewayTimeout(
+                    "upstream stopped reading the request",
+                ))
+            }
+            Err(PumpError::SourceTimeout) => return Err(Refusal::RequestTimeout),
+            Err(PumpError::SourceClosed | PumpError::SourceIo) => {
+                self.record.status = CLIENT_GONE;
+                self.record.bytes_in = body.payload();
+                return Ok(None);
+            }
+            Err(PumpError::Framing(err)) => return Err(body_refusal(err)),
+            Err(PumpError::TooLarge) => return Err(Refusal::PayloadTooLarge),
+        };
+        let response =
+            relay::timeout_in_steps(self.timer.as_mut(), Instant::now(), wait, idle, head);
+        let mut response = response.await.ok_or(UPSTREAM_TIMEOUT)??;
+        response.request_complete = request_complete;
+        Ok(Some(response))
+    }
+
+    /// Relays the response head and body. From here on the client has (or
+    /// may have) bytes of the response: a failure can only close the
+    /// connection, never produce a new status. An upstream `Connection:
+    /// close` only keeps that upstream connection out of the pool; the
+    /// client's connection can go on.
+    async fn relay_response(
+        &mut self,
+        upstream: &Upstream,
+        mut conn: Connection,
+        mut response: Response,
+        close: bool,
+    ) -> Result<Next, Refusal> {
+        let limits = &self.shared.limits;
+        self.record.status = response.status;
+        let client_close =
+            close || !response.request_complete || response.framing == Framing::UntilClose;
+        let out = &mut response.head;
+        if client_close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        let mut body = Reframer::new(response.framing);
+        // Body bytes that came with the head are checked before the head is
+        // sent, so bad framing there is still a clean 502.
+        if !response.input.is_empty() && !body.is_done() {
+            let n = (body.feed(response.input.data(), out))
+                .map_err(|_| Refusal::BadGateway("malformed upstream response body"))?;
+            response.input.consume(n);
+        }
+        let relayed = relay::pump(
+            &mut conn.stream,
+            &mut response.input,
+            &mut self.stream,
+            &mut body,
+            out,
+            limits.idle_timeout,
+            None,
+        )
+        .await;
+        self.record.bytes_out = body.payload();
+        if let Err(err) = relayed {
+            tracing::debug!(?err, "response relay stopped");
+            self.record.status = match err {
+                PumpError::SinkIo | PumpError::SinkTimeout => CLIENT_GONE,
+                _ => 502,
+            };
+            return Ok(Next::Close);
+        }
+        let ended = Instant::now();
+        self.record.ended = Some(ended);
+        // Only a connection whose exchange ended cleanly goes back
+        // (docs/strict-profile.md "Pool hygiene").
+        if response.request_complete && !response.close && response.input.is_empty() {
+            upstream.put_idle(conn, limits.pool_max_idle, ended);
+        }
+        Ok(if !response.request_complete {
+            Next::Linger
+        } else if client_close {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        })
+    }
 }
 
-async fn send_first(conn: &mut Connection, first: &[u8], idle: Duration) -> Result<(), PumpError> {
-    relay::write_all(&mut conn.stream, first, idle).await?;
-    relay::flush(&mut conn.stream, idle).await
-}
+/// Logged as the status of a request whose client went away before its
+/// response was complete (nginx's convention).
+const CLIENT_GONE: u16 = 499;
+/// How long and how much to read after an answer before closing.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// The final response head, rewritten for the client (without its
 /// connection field and final CRLF), and what the relay needs to know.
 struct Response {
-    head: relay::PooledBuf,
+    head: PooledBuf,
+    /// Response bytes read past the head.
+    input: InBuf,
     status: u16,
     framing: Framing,
+    /// The upstream connection must not be reused.
     close: bool,
+    /// The whole request body reached the upstream before it answered.
+    request_complete: bool,
 }
 
-/// Reads response heads until a final one (R1: interim 1xx are swallowed,
-/// at most `MAX_INTERIM_RESPONSES`; keyhole sends its own 100 Continue).
-async fn read_final_head<R>(
-    reader: &mut R,
-    input: &mut InBuf,
-    is_head: bool,
-) -> Result<Response, Refusal>
+/// Reads response heads until a final one: interim 1xx are swallowed, at
+/// most `MAX_INTERIM_RESPONSES` (RFC 9110 §15.2; keyhole sends its own 100
+/// Continue).
+async fn read_final_head<R>(reader: &mut R, is_head: bool) -> Result<Response, Refusal>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
+    let mut input = InBuf::default();
     for _ in 0..=MAX_INTERIM_RESPONSES {
-        let head_len = relay::read_head(
-            reader,
-            input,
-            crate::config::DEFAULT_MAX_HEAD_BYTES,
-            HEADER_ARRAY_LEN - 1,
-        )
-        .await
-        .map_err(|err| match err {
+        let read = relay::read_head(reader, &mut input, DEFAULT_MAX_HEAD_BYTES, HEADER_ARRAY_LEN);
+        let head_len = read.await.map_err(|err| match err {
             HeadError::Invalid(_) => Refusal::BadGateway("malformed upstream response head"),
             HeadError::Closed | HeadError::Io => {
                 Refusal::BadGateway("upstream closed without a response")
@@ -556,16 +500,18 @@ where
         }
         // The body bytes that came with the head usually join it in this
         // buffer, to leave in the same write.
-        let mut head = relay::PooledBuf::take();
+        let mut head = PooledBuf::take();
         head::write_response_head(&mut head, &res);
-        let response = Response {
-            head,
-            status: res.status,
-            framing: res.framing,
-            close: res.close,
-        };
+        let (status, framing, close) = (res.status, res.framing, res.close);
         input.consume(head_len);
-        return Ok(response);
+        return Ok(Response {
+            head,
+            input,
+            status,
+            framing,
+            close,
+            request_complete: true,
+        });
     }
     Err(Refusal::BadGateway("too many interim responses"))
 }

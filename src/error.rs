@@ -124,6 +124,12 @@ pub enum Error {
     BadHeaderName(String),
     /// A header value with CR, LF, NUL or another control byte (the value is not shown).
     BadHeaderValue(String),
+    /// An injected header or client key whose value is empty.
+    EmptyValue(String),
+    /// The same injected header name twice in one route (route prefix, name).
+    DuplicateHeader(String, String),
+    /// A `Limits` field out of range (field, allowed range).
+    BadLimit(&'static str, &'static str),
     /// A route prefix that is not an origin-form path.
     BadPrefix(String, &'static str),
     /// A route URL that keyhole will not forward to.
@@ -132,10 +138,10 @@ pub enum Error {
     DuplicatePrefix(String),
     /// No route configured.
     NoRoutes,
-    /// A `--ca-file` that holds no usable certificate.
+    /// Extra CA certificates (`Builder::ca_pem`) that hold no usable certificate.
     BadCertificate(&'static str),
-    /// Binding the listening socket failed.
-    Bind(std::io::Error),
+    /// Binding the listening socket at this address failed.
+    Bind(std::net::SocketAddr, std::io::Error),
 }
 
 impl fmt::Display for Error {
@@ -153,12 +159,15 @@ impl fmt::Display for Error {
             }
             Error::BadPrefix(prefix, why) => write!(f, "route prefix {prefix:?}: {why}"),
             Error::BadUrl(url, why) => write!(f, "route URL {url:?}: {why}"),
+            Error::EmptyValue(name) => write!(f, "value of {name:?} is empty"),
+            Error::DuplicateHeader(prefix, name) => {
+                write!(f, "route {prefix:?} injects header {name:?} twice")
+            }
+            Error::BadLimit(field, why) => write!(f, "limit {field}: {why}"),
             Error::DuplicatePrefix(prefix) => write!(f, "route prefix {prefix:?} given twice"),
-            Error::NoRoutes => f.write_str(
-                "no route configured (give --route PREFIX=URL, or set ANTHROPIC_API_KEY)",
-            ),
-            Error::BadCertificate(why) => write!(f, "CA file: {why}"),
-            Error::Bind(err) => write!(f, "cannot listen: {err}"),
+            Error::NoRoutes => f.write_str("no route configured (add one with Builder::route)"),
+            Error::BadCertificate(why) => write!(f, "extra CA certificates: {why}"),
+            Error::Bind(addr, err) => write!(f, "cannot listen on {addr}: {err}"),
         }
     }
 }

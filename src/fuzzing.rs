@@ -122,9 +122,9 @@ pub fn forward_request(head_bytes: &[u8]) -> Result<Forwarded, u16> {
     )
     .map_err(Refusal::status)?;
     let table = fuzz_table().ok_or(500u16)?;
-    let mut fwd = table.forward(&req, None).map_err(Refusal::status)?;
+    let fwd = table.forward(&req, None).map_err(Refusal::status)?;
     Ok(Forwarded {
-        head: fwd.head_mut().clone(),
+        head: fwd.head().to_vec(),
         upstream_host: table.routes()[fwd.route()].upstream.host.clone(),
         method: req.method.to_owned(),
         client_target: req.target.to_owned(),
@@ -214,8 +214,11 @@ pub fn run_connection(pieces: &[&[u8]]) -> ConnectionReport {
     let mut upstreams = Vec::new();
     for route in table.routes() {
         let (streams, answered) = (streams.clone(), answered.clone());
-        let Ok(upstream) = crate::upstream::Upstream::new(&route.upstream, connector.clone())
-        else {
+        let Ok(upstream) = crate::upstream::Upstream::new(
+            &route.upstream,
+            connector.clone(),
+            std::sync::Arc::default(),
+        ) else {
             return ConnectionReport::default();
         };
         upstreams.push(upstream.with_memory(Box::new(move || {

@@ -70,6 +70,7 @@ mod config;
 mod conn;
 mod error;
 mod head;
+mod record;
 mod relay;
 mod route;
 mod server;

@@ -95,6 +95,11 @@ impl PooledBuf {
     pub(crate) fn take() -> PooledBuf {
         PooledBuf(take_buffer())
     }
+
+    /// A buffer without memory, for a body that needs none.
+    pub(crate) fn empty() -> PooledBuf {
+        PooledBuf(Vec::new())
+    }
 }
 
 impl std::ops::Deref for PooledBuf {
@@ -257,6 +262,32 @@ pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
         Some(Err(_)) => Err(PumpError::SinkIo),
         None => Err(PumpError::SinkTimeout),
     }
+}
+
+/// Writes all of `first` then `second` under the idle timeout, with
+/// vectored writes, so that the two leave together without being copied
+/// into one buffer (`first` may hold a secret and must not be copied).
+pub(crate) async fn write_pair<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    first: &[u8],
+    second: &[u8],
+    idle: Duration,
+) -> Result<(), PumpError> {
+    let total = first.len() + second.len();
+    let mut sent = 0;
+    while sent < total {
+        let (a, b) = match first.get(sent..) {
+            Some(rest) if !rest.is_empty() => (rest, second),
+            _ => (&second[sent - first.len()..], &[][..]),
+        };
+        let slices = [io::IoSlice::new(a), io::IoSlice::new(b)];
+        match within(idle, dst.write_vectored(&slices)).await {
+            Some(Ok(0) | Err(_)) => return Err(PumpError::SinkIo),
+            Some(Ok(n)) => sent += n,
+            None => return Err(PumpError::SinkTimeout),
+        }
+    }
+    Ok(())
 }
 
 /// Flushes `dst` under the idle timeout.

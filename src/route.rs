@@ -19,9 +19,13 @@ pub(crate) struct RouteTable {
     allowed_hosts: Vec<String>,
 }
 
-/// A request rewritten for its upstream, ready to be written.
+/// A request rewritten for its upstream, ready to be written. Only
+/// `RouteTable::forward` builds one, and `Upstream::send` takes nothing else.
 pub(crate) struct Forward {
     route: usize,
+    /// The upstream head, which holds injected secrets: reserved exactly
+    /// once so it never reallocates (a reallocation would free a copy of
+    /// the key unzeroed), and zeroed on drop.
     head: Vec<u8>,
     framing: Framing,
     expect_continue: bool,
@@ -50,10 +54,9 @@ impl Forward {
     pub(crate) fn route(&self) -> usize {
         self.route
     }
-    /// The serialized upstream head, which the caller may extend with the
-    /// first body bytes so that both leave in one write.
-    pub(crate) fn head_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.head
+    /// The serialized upstream head.
+    pub(crate) fn head(&self) -> &[u8] {
+        &self.head
     }
     /// The request body's framing.
     pub(crate) fn framing(&self) -> Framing {
@@ -210,7 +213,24 @@ fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route, nominates: 
 }
 
 fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + req.target.len() + req.headers.len() * 48);
+    // An upper bound of what is written below, so `out` never grows: the
+    // fixed parts (request line and host field framing, the framing field,
+    // the final CRLF) take under 64 bytes, and each client field grows by
+    // at most its `: ` and CRLF.
+    let fields = req.headers.iter().map(|h| h.name.len() + h.value.len() + 4);
+    let injected = route
+        .headers
+        .iter()
+        .map(|(n, v)| n.len() + v.expose().len() + 4);
+    let bound = 64
+        + req.method.len()
+        + route.upstream.path.len()
+        + req.target.len()
+        + route.upstream.authority.len()
+        + fields.sum::<usize>()
+        + injected.sum::<usize>();
+    let mut out = Vec::with_capacity(bound);
+    let capacity = out.capacity();
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     push_target(
@@ -249,30 +269,35 @@ fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8
         Framing::Empty | Framing::UntilClose => {}
     }
     out.extend_from_slice(b"\r\n");
+    debug_assert_eq!(out.capacity(), capacity, "the upstream head reallocated");
     out
 }
 
-/// Does any `x-api-key` or `authorization: Bearer` field carry the key?
+/// Does the request carry the client key? Every `x-api-key` and every
+/// `authorization` field must carry it (as `Bearer KEY`), and at least one
+/// must be there: two credentials that disagree are refused, not guessed
+/// between (which one a server would read is exactly the ambiguity a
+/// sandbox could exploit). Every field is compared, so timing does not
+/// reveal which one failed.
 fn carries_client_key(headers: &[httparse::Header<'_>], key: &[u8]) -> bool {
-    let mut found = false;
+    let mut seen = false;
+    let mut all_match = true;
     for h in headers {
         let value = head::trim(h.value);
         let candidate = if h.name.eq_ignore_ascii_case("x-api-key") {
-            Some(value)
-        } else if h.name.eq_ignore_ascii_case("authorization")
-            && value.len() > 7
-            && value[..7].eq_ignore_ascii_case(b"bearer ")
-        {
-            Some(head::trim(&value[7..]))
+            value
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            match value.get(..7) {
+                Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => head::trim(&value[7..]),
+                _ => b"",
+            }
         } else {
-            None
+            continue;
         };
-        // Every candidate is compared, so timing does not reveal which matched.
-        if let Some(candidate) = candidate {
-            found |= constant_time_eq(candidate, key);
-        }
+        seen = true;
+        all_match &= constant_time_eq(candidate, key);
     }
-    found
+    seen && all_match
 }
 
 /// Compares without an early exit: the time depends on the lengths only.

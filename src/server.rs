@@ -14,7 +14,7 @@ use crate::config::{Limits, Route, Secret};
 use crate::conn::{self, Phase, Shared};
 use crate::error::{Error, Refusal};
 use crate::route::RouteTable;
-use crate::upstream::{self, Upstream};
+use crate::upstream::{self, Upstream, Wakeup};
 
 /// Entry point of the library API.
 ///
@@ -49,7 +49,9 @@ impl Proxy {
 }
 
 /// Configures and starts a proxy. Everything is validated by `start`.
-#[derive(Debug)]
+/// Cloning gives the same configuration for another proxy (a runner that
+/// starts one per sandbox).
+#[derive(Debug, Clone)]
 pub struct Builder {
     listen: SocketAddr,
     routes: Vec<Route>,
@@ -111,6 +113,7 @@ impl Builder {
         if self.routes.is_empty() {
             return Err(Error::NoRoutes);
         }
+        self.limits.validate()?;
         for (i, route) in self.routes.iter().enumerate() {
             route.validate()?;
             if self.routes[..i].iter().any(|r| r.prefix == route.prefix) {
@@ -118,22 +121,19 @@ impl Builder {
             }
         }
         if let Some(key) = &self.client_key {
-            if key.expose().is_empty() || key.expose().iter().any(|&b| crate::config::is_control(b))
-            {
-                return Err(Error::BadHeaderValue("client key".to_owned()));
-            }
+            crate::config::check_value(key, "client key")?;
         }
         let connector = upstream::tls_connector(&self.ca_pems)?;
         let table = RouteTable::new(self.routes, self.client_key, self.allowed_hosts);
-        let upstreams = table
-            .routes()
-            .iter()
-            .map(|r| Upstream::new(&r.upstream, connector.clone()))
+        let wakeup = Arc::new(Wakeup::default());
+        let upstreams = (table.routes().iter())
+            .map(|r| Upstream::new(&r.upstream, connector.clone(), wakeup.clone()))
             .collect::<Result<_, _>>()?;
-        let listener = TcpListener::bind(self.listen).await.map_err(Error::Bind)?;
-        let local_addr = listener.local_addr().map_err(Error::Bind)?;
+        let bind = |err| Error::Bind(self.listen, err);
+        let listener = TcpListener::bind(self.listen).await.map_err(bind)?;
+        let local_addr = listener.local_addr().map_err(bind)?;
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-        let permits = Arc::new(Semaphore::new(self.limits.max_connections.max(1)));
+        let permits = Arc::new(Semaphore::new(self.limits.max_connections));
         let shared = Arc::new(Shared {
             table,
             upstreams,
@@ -142,9 +142,17 @@ impl Builder {
         let accept = tokio::spawn(accept_loop(
             listener,
             shared.clone(),
-            phase_rx,
+            phase_rx.clone(),
             permits.clone(),
         ));
+        let pool = shared.clone();
+        tokio::spawn(async move {
+            let max_age = pool.limits.pool_idle_timeout;
+            tokio::select! {
+                () = upstream::reap(&pool.upstreams, wakeup, max_age) => {}
+                () = conn::reached(phase_rx, Phase::Closing) => {}
+            }
+        });
         Ok(ProxyHandle {
             local_addr,
             phase: phase_tx,
@@ -189,12 +197,13 @@ impl ProxyHandle {
         if let Some(accept) = self.accept.take() {
             let _ = accept.await;
         }
-        let all = u32::try_from(self.shared.limits.max_connections.max(1)).unwrap_or(u32::MAX);
-        if tokio::time::timeout(drain, self.permits.acquire_many(all))
-            .await
-            .is_err()
-        {
-            self.phase.send_replace(Phase::Closing);
+        // At most a million (`Limits::validate`), so this fits.
+        let all = u32::try_from(self.shared.limits.max_connections).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(drain, self.permits.acquire_many(all)).await;
+        // Closing also ends the pool's reaper, which closes idle upstream
+        // connections as it goes.
+        self.phase.send_replace(Phase::Closing);
+        if drained.is_err() {
             // Closing tasks only need to be polled once to drop their sockets.
             let _ =
                 tokio::time::timeout(Duration::from_secs(1), self.permits.acquire_many(all)).await;
@@ -221,6 +230,7 @@ async fn accept_loop(
     mut phase: watch::Receiver<Phase>,
     permits: Arc<Semaphore>,
 ) {
+    let turn_away_permits = Arc::new(Semaphore::new(TURN_AWAY_PERMITS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -239,24 +249,31 @@ async fn accept_loop(
                 continue;
             }
         };
-        match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let shared = shared.clone();
-                let phase = phase.clone();
-                tokio::spawn(async move {
-                    conn::serve(stream, shared, phase).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                tokio::spawn(turn_away(stream));
-            }
+        if let Ok(permit) = permits.clone().try_acquire_owned() {
+            let shared = shared.clone();
+            let phase = phase.clone();
+            tokio::spawn(async move {
+                conn::serve(stream, shared, phase).await;
+                drop(permit);
+            });
+        } else if let Ok(permit) = turn_away_permits.clone().try_acquire_owned() {
+            tokio::spawn(async move {
+                turn_away(stream).await;
+                drop(permit);
+            });
         }
+        // Beyond both limits the connection is closed at once, unanswered:
+        // a flood must not grow the number of tasks.
     }
 }
+
+/// Most connections answered 503 at once; each holds a task for up to
+/// `TURN_AWAY_TIME`.
+const TURN_AWAY_PERMITS: usize = 64;
+const TURN_AWAY_TIME: Duration = Duration::from_secs(1);
 
 /// Over the connection limit: a clear 503 rather than a silent queue.
 async fn turn_away(mut stream: TcpStream) {
     let response = Refusal::Unavailable.response();
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&response)).await;
+    let _ = tokio::time::timeout(TURN_AWAY_TIME, stream.write_all(&response)).await;
 }

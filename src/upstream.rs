@@ -4,19 +4,22 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::sync::Notify;
+use tokio::time::{timeout, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Limits, UpstreamUrl};
 use crate::error::{Error, Refusal};
+use crate::relay::{self, PumpError};
+use crate::route::Forward;
 
 /// Builds the one TLS client configuration: ring provider, webpki roots plus
 /// the extra PEM roots, ALPN `http/1.1` only.
@@ -81,6 +84,20 @@ impl AsyncWrite for Stream {
             Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Memory(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
@@ -115,18 +132,37 @@ impl Connection {
         }
     }
 
-    /// R4: an idle connection that became readable (stray bytes, EOF, an
-    /// error) is no longer a clean keep-alive connection.
-    fn is_stale(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
+    /// Is this idle connection still quiet? An idle connection that became
+    /// readable (stray bytes, EOF, an error) is no longer a clean keep-alive
+    /// connection (RFC 9112 §9.3: either side may close an idle one). A
+    /// quiet one stays registered with `waker`, so its close is noticed.
+    fn is_quiet(&mut self, waker: &Waker) -> bool {
+        let mut cx = Context::from_waker(waker);
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
-        !matches!(
-            Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf),
-            Poll::Pending
-        )
+        Pin::new(&mut self.stream)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending()
     }
 }
+
+/// Wakes the pool's reaper when an idle connection becomes readable.
+#[derive(Default)]
+pub(crate) struct Wakeup(Notify);
+
+impl Wake for Wakeup {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// How soon a newly idle connection is watched for the upstream closing it.
+/// Watching it at once would cost a read system call per request; a
+/// connection reused within this time never costs one.
+const WATCH_AFTER: Duration = Duration::from_millis(250);
 
 /// An upstream: where to connect, and its idle connections.
 pub(crate) struct Upstream {
@@ -134,6 +170,7 @@ pub(crate) struct Upstream {
     server_name: ServerName<'static>,
     connector: TlsConnector,
     idle: Mutex<Vec<(Connection, Instant)>>,
+    wakeup: Arc<Wakeup>,
     /// Under fuzzing: opens an in-memory connection instead of a socket.
     memory: Option<MemoryConnector>,
 }
@@ -142,8 +179,12 @@ pub(crate) struct Upstream {
 pub(crate) type MemoryConnector = Box<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;
 
 impl Upstream {
-    /// An upstream for `url`, sharing the proxy's TLS connector.
-    pub(crate) fn new(url: &UpstreamUrl, connector: TlsConnector) -> Result<Upstream, Error> {
+    /// An upstream for `url`, sharing the proxy's TLS connector and reaper.
+    pub(crate) fn new(
+        url: &UpstreamUrl,
+        connector: TlsConnector,
+        wakeup: Arc<Wakeup>,
+    ) -> Result<Upstream, Error> {
         let server_name = ServerName::try_from(url.host.clone())
             .map_err(|_| Error::BadUrl(url.host.clone(), "not a valid TLS server name"))?;
         Ok(Upstream {
@@ -151,6 +192,7 @@ impl Upstream {
             server_name,
             connector,
             idle: Mutex::new(Vec::new()),
+            wakeup,
             memory: None,
         })
     }
@@ -161,11 +203,41 @@ impl Upstream {
         self
     }
 
+    /// Sends `forward` — only a rewritten head can be sent — and the body
+    /// bytes that came with it, in one write, on the most recently used idle
+    /// connection or a new one. A pooled connection the upstream closed
+    /// meanwhile fails that first write; then, since the bytes are all still
+    /// here, a fresh connection gets them.
+    pub(crate) async fn send(
+        &self,
+        forward: &Forward,
+        body: &[u8],
+        limits: &Limits,
+        now: Instant,
+    ) -> Result<Connection, Refusal> {
+        if let Some(mut conn) = self.take_idle(limits.pool_idle_timeout, now) {
+            if send_first(&mut conn, forward, body, limits).await.is_ok() {
+                return Ok(conn);
+            }
+            tracing::debug!("pooled upstream connection was closed; retrying on a new one");
+        }
+        let mut conn = self.connect(limits).await?;
+        send_first(&mut conn, forward, body, limits)
+            .await
+            .map_err(|err| match err {
+                PumpError::SinkTimeout => {
+                    Refusal::GatewayTimeout("upstream stopped reading the request")
+                }
+                _ => Refusal::BadGateway("upstream connection failed"),
+            })?;
+        Ok(conn)
+    }
+
     /// The most recently used idle connection that is still clean, if any.
-    pub(crate) fn take_idle(&self, max_age: Duration, now: Instant) -> Option<Connection> {
+    fn take_idle(&self, max_age: Duration, now: Instant) -> Option<Connection> {
         let mut idle = self.idle.lock().ok()?;
         while let Some((mut conn, since)) = idle.pop() {
-            if now.saturating_duration_since(since) < max_age && !conn.is_stale() {
+            if now.saturating_duration_since(since) < max_age && conn.is_quiet(Waker::noop()) {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -173,20 +245,39 @@ impl Upstream {
         None
     }
 
-    /// Returns a clean connection to the pool (R4 is the caller's check).
+    /// Returns a clean connection to the pool (the caller checked that its
+    /// exchange ended cleanly); with `max_idle` 0 nothing is pooled.
     pub(crate) fn put_idle(&self, conn: Connection, max_idle: usize, now: Instant) {
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() >= max_idle {
-                idle.remove(0);
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        if idle.len() >= max_idle {
+            if idle.is_empty() {
+                return;
             }
-            idle.push((conn, now));
+            idle.remove(0);
         }
+        if idle.is_empty() {
+            // The reaper sleeps while every pool is empty.
+            self.wakeup.0.notify_one();
+        }
+        idle.push((conn, now));
+    }
+
+    /// Closes idle connections that are past `max_age` or no longer quiet;
+    /// returns when the oldest remaining one expires, if any.
+    fn sweep(&self, waker: &Waker, max_age: Duration, now: Instant) -> Option<Instant> {
+        let mut idle = self.idle.lock().ok()?;
+        idle.retain_mut(|(conn, since)| {
+            now.saturating_duration_since(*since) < max_age && conn.is_quiet(waker)
+        });
+        idle.first().map(|(_, since)| *since + max_age)
     }
 
     /// Opens a new connection: DNS and TCP under `connect_timeout`, then the
     /// TLS handshake (certificate verified before any request byte) under
     /// `tls_timeout`.
-    pub(crate) async fn connect(&self, limits: &Limits) -> Result<Connection, Refusal> {
+    async fn connect(&self, limits: &Limits) -> Result<Connection, Refusal> {
         if let Some(memory) = &self.memory {
             return Ok(Connection::new(Stream::Memory(memory())));
         }
@@ -225,5 +316,40 @@ impl Upstream {
             tracing::warn!(upstream = %self.url.authority, error = %err, "upstream connect failed");
         }
         Err(Refusal::BadGateway("upstream unreachable"))
+    }
+}
+
+async fn send_first(
+    conn: &mut Connection,
+    forward: &Forward,
+    body: &[u8],
+    limits: &Limits,
+) -> Result<(), PumpError> {
+    relay::write_pair(&mut conn.stream, forward.head(), body, limits.idle_timeout).await?;
+    relay::flush(&mut conn.stream, limits.idle_timeout).await
+}
+
+/// Runs for the proxy's life: closes idle connections as soon as their
+/// upstream closes them or sends anything, and when they pass
+/// `max_age`, without waiting for the next request on their route. Newly
+/// idle connections are watched from the next sweep, `WATCH_AFTER` later.
+pub(crate) async fn reap(upstreams: &[Upstream], wakeup: Arc<Wakeup>, max_age: Duration) {
+    let waker = Waker::from(wakeup.clone());
+    loop {
+        let now = Instant::now();
+        let expiry = upstreams
+            .iter()
+            .filter_map(|u| u.sweep(&waker, max_age, now))
+            .min();
+        match expiry {
+            Some(expiry) => {
+                let next = expiry.min(now + WATCH_AFTER);
+                tokio::select! {
+                    () = wakeup.0.notified() => {}
+                    () = tokio::time::sleep_until(next) => {}
+                }
+            }
+            None => wakeup.0.notified().await,
+        }
     }
 }
