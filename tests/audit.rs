@@ -1,0 +1,285 @@
+//! One test (or more) per defect of the second audit, named after it; each
+//! failed before its fix.
+
+mod support;
+
+use std::time::Duration;
+
+use keyhole::{Error, Limits, Proxy, Route, Secret};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// An upstream that answers each connection's first request, then reports
+/// (on the channel) whether keyhole closed that connection within `wait`,
+/// after the upstream itself `closes` its side or not.
+async fn watching_upstream(closes: bool, wait: Duration) -> (Upstream, mpsc::Receiver<bool>) {
+    let (tx, rx) = mpsc::channel(8);
+    let upstream = Upstream::start_raw(move |mut conn| {
+        let tx = tx.clone();
+        async move {
+            if conn.read_request().await.is_none() {
+                return;
+            }
+            conn.send(ok("pooled")).await.unwrap();
+            if closes {
+                // close_notify and FIN: the connection is dead for keyhole.
+                let _ = conn.stream.shutdown().await;
+            }
+            let mut byte = [0u8; 1];
+            let eof = matches!(
+                timeout(wait, conn.stream.read(&mut byte)).await,
+                Ok(Ok(0) | Err(_))
+            );
+            let _ = tx.send(eof).await;
+        }
+    })
+    .await;
+    (upstream, rx)
+}
+
+#[tokio::test]
+async fn defect1_pool_reaped_when_upstream_closes_idle_connection() {
+    let (upstream, mut closed) = watching_upstream(true, Duration::from_secs(3)).await;
+    let proxy = keyhole(&upstream, |b| b).await;
+    let res = request(proxy.local_addr(), &get("/")).await.unwrap();
+    assert_eq!(res.text(), "pooled");
+    // No further request: keyhole must notice the close by itself.
+    assert_eq!(
+        closed.recv().await,
+        Some(true),
+        "keyhole kept the closed connection open"
+    );
+}
+
+#[tokio::test]
+async fn defect1_pool_reaped_after_its_idle_time() {
+    let (upstream, mut closed) = watching_upstream(false, Duration::from_secs(3)).await;
+    let limits = Limits {
+        pool_idle_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let proxy = keyhole(&upstream, |b| b.limits(limits)).await;
+    let started = tokio::time::Instant::now();
+    let res = request(proxy.local_addr(), &get("/")).await.unwrap();
+    assert_eq!(res.text(), "pooled");
+    assert_eq!(
+        closed.recv().await,
+        Some(true),
+        "idle connection outlived the pool's idle time"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed before its idle time"
+    );
+}
+
+#[tokio::test]
+async fn defect2_zero_pool_size_does_not_panic() {
+    let upstream = Upstream::start(|_| ok("fine")).await;
+    let limits = Limits {
+        pool_max_idle: 0,
+        ..Limits::default()
+    };
+    let proxy = keyhole(&upstream, |b| b.limits(limits)).await;
+    for _ in 0..3 {
+        let res = request(proxy.local_addr(), &get("/")).await.unwrap();
+        assert_eq!(res.text(), "fine");
+    }
+    // Nothing is pooled: each request opened its own connection.
+    assert_eq!(upstream.connections(), 3);
+}
+
+#[tokio::test]
+async fn defect2_out_of_range_limits_are_refused_naming_the_field() {
+    let upstream = Upstream::start(|_| ok("x")).await;
+    let cases: [(&str, fn(&mut Limits)); 6] = [
+        ("max_head_bytes", |l| l.max_head_bytes = usize::MAX),
+        ("max_head_bytes", |l| l.max_head_bytes = 0),
+        ("max_headers", |l| l.max_headers = 0),
+        ("max_headers", |l| l.max_headers = 10_000),
+        ("max_connections", |l| l.max_connections = 0),
+        ("idle_timeout", |l| l.idle_timeout = Duration::MAX),
+    ];
+    for (field, change) in cases {
+        let mut limits = Limits::default();
+        change(&mut limits);
+        let err = builder_for(&upstream)
+            .route(route_to(&upstream, "/", ""))
+            .limits(limits)
+            .start()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::BadLimit(f, _) if f == field), "{err}");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn defect5_early_answer_is_not_destroyed_by_a_reset() {
+    // The upstream answers as soon as it has the head, never reading the body.
+    let upstream = Upstream::start_raw(|mut conn| async move {
+        if conn.read_head().await.is_some() {
+            let _ = conn.send(ok("early answer")).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+    .await;
+    let proxy = keyhole(&upstream, |b| b).await;
+    let mut client = Client::connect(proxy.local_addr()).await;
+    let total = 4 * 1024 * 1024;
+    client
+        .send(
+            format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {total}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+    client.send(&vec![b'a'; 64 * 1024]).await;
+    // keyhole relays the answer and closes meanwhile; the client, still
+    // sending, only reads once it is done (as many HTTP clients do).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rest = vec![b'b'; 256 * 1024];
+    let _ = timeout(Duration::from_secs(2), client.stream.write_all(&rest)).await;
+    let res = client
+        .response(false)
+        .await
+        .expect("the early answer was lost");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.text(), "early answer");
+    assert_eq!(res.header("connection").as_deref(), Some("close"));
+}
+
+#[tokio::test]
+async fn defect6_connections_over_the_limit_are_answered_or_closed() {
+    let upstream = Upstream::start(|_| ok("served")).await;
+    let limits = Limits {
+        max_connections: 1,
+        ..Limits::default()
+    };
+    let proxy = keyhole(&upstream, |b| b.limits(limits)).await;
+    let mut held = Client::connect(proxy.local_addr()).await;
+    held.send(&get("/")).await;
+    assert_eq!(held.response(false).await.unwrap().text(), "served");
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        flood.push(
+            tokio::net::TcpStream::connect(proxy.local_addr())
+                .await
+                .unwrap(),
+        );
+    }
+    for mut stream in flood {
+        let mut answer = Vec::new();
+        let read = timeout(Duration::from_secs(3), stream.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "a connection over the limit was left hanging");
+        assert!(answer.is_empty() || answer.starts_with(b"HTTP/1.1 503 "));
+    }
+    // The connection that holds the permit still works.
+    held.send(&get("/")).await;
+    assert_eq!(held.response(false).await.unwrap().text(), "served");
+}
+
+#[tokio::test]
+async fn defect8_every_client_credential_must_carry_the_key() {
+    let upstream = Upstream::start(|_| ok("in")).await;
+    let proxy = keyhole(&upstream, |b| b.client_key(Secret::new("sandbox-key"))).await;
+    let cases = [
+        ("x-api-key: sandbox-key\r\n", 200),
+        ("x-api-key: sandbox-key\r\nx-api-key: sandbox-key\r\n", 200),
+        (
+            "x-api-key: sandbox-key\r\nauthorization: Bearer sandbox-key\r\n",
+            200,
+        ),
+        (
+            "x-api-key: sandbox-key\r\nauthorization: Bearer other\r\n",
+            401,
+        ),
+        (
+            "authorization: Bearer other\r\nx-api-key: sandbox-key\r\n",
+            401,
+        ),
+        ("x-api-key: sandbox-key\r\nx-api-key: other\r\n", 401),
+        (
+            "x-api-key: sandbox-key\r\nauthorization: Basic c2FuZGJveA==\r\n",
+            401,
+        ),
+        ("", 401),
+    ];
+    for (fields, status) in cases {
+        let bytes = format!("GET / HTTP/1.1\r\nHost: localhost\r\n{fields}\r\n");
+        let res = request(proxy.local_addr(), bytes.as_bytes()).await.unwrap();
+        assert_eq!(res.status, status, "{fields:?}");
+    }
+    assert_eq!(
+        upstream.received().len(),
+        3,
+        "a refused request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn defect10_empty_or_twice_injected_headers_stop_the_start() {
+    let upstream = Upstream::start(|_| ok("x")).await;
+    let start = |route: Route| builder_for(&upstream).route(route).start();
+    let empty = route_to(&upstream, "/a", "").header("x-extra", Secret::new(""));
+    let err = start(empty).await.unwrap_err();
+    assert!(
+        matches!(err, Error::EmptyValue(ref n) if n == "x-extra"),
+        "{err}"
+    );
+    let twice = route_to(&upstream, "/b", "").header("X-API-KEY", Secret::new("again"));
+    let err = start(twice).await.unwrap_err();
+    assert!(matches!(err, Error::DuplicateHeader(..)), "{err}");
+    assert!(err.to_string().contains("x-api-key") && !err.to_string().contains("again"));
+    let err = builder_for(&upstream)
+        .route(route_to(&upstream, "/", ""))
+        .client_key(Secret::new(""))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::EmptyValue(_)), "{err}");
+}
+
+#[tokio::test]
+async fn defect10_library_errors_read_as_library_errors() {
+    let err = Proxy::builder().start().await.unwrap_err();
+    assert!(!err.to_string().contains("--route"), "{err}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let upstream = Upstream::start(|_| ok("x")).await;
+    let err = builder_for(&upstream)
+        .route(route_to(&upstream, "/", ""))
+        .listen(addr)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    let err = Proxy::builder()
+        .route(route_to(&upstream, "/", ""))
+        .ca_pem("not a certificate")
+        .start()
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("file"), "{err}");
+}
+
+#[tokio::test]
+async fn defect10_configuration_is_clone_for_many_proxies() {
+    let upstream = Upstream::start(|_| ok("twin")).await;
+    let route = route_to(&upstream, "/", "");
+    let builder = builder_for(&upstream)
+        .route(route.clone())
+        .limits(Limits::default().clone());
+    let (a, b) = (
+        builder.clone().start().await.unwrap(),
+        builder.start().await.unwrap(),
+    );
+    assert_ne!(a.local_addr(), b.local_addr());
+    for proxy in [&a, &b] {
+        assert_eq!(
+            request(proxy.local_addr(), &get("/")).await.unwrap().text(),
+            "twin"
+        );
+    }
+}
