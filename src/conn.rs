@@ -246,13 +246,10 @@ impl<S: ClientIo> Handler<'_, S> {
         if self.stream.shutdown().await.is_err() {
             return;
         }
-        let mut drained = 0;
+        // No byte limit: the time bounds the work, and a client still
+        // sending a large body must be able to finish reading the answer.
         let linger = async {
-            while let Ok(n) = self.input.read_from(&mut self.stream).await {
-                if n == 0 || drained > LINGER_BYTES {
-                    break;
-                }
-                drained += n;
+            while let Ok(n @ 1..) = self.input.read_from(&mut self.stream).await {
                 self.input.consume(n);
             }
         };
@@ -457,9 +454,9 @@ impl<S: ClientIo> Handler<'_, S> {
 /// Logged as the status of a request whose client went away before its
 /// response was complete (nginx's convention).
 const CLIENT_GONE: u16 = 499;
-/// How long and how much to read after an answer before closing.
+/// How long to read and discard what the client still sends after an
+/// answer, before closing.
 const LINGER: Duration = Duration::from_secs(2);
-const LINGER_BYTES: usize = 1024 * 1024;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// The final response head, rewritten for the client (without its

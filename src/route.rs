@@ -108,14 +108,15 @@ impl RouteTable {
         req: &RequestHead<'_, '_>,
         max_body: Option<u64>,
     ) -> Result<Forward, Refusal> {
-        // B1, B2: a web page in the host's browser, or DNS rebinding.
+        // A web page in the host's browser, or DNS rebinding
+        // (docs/strict-profile.md, "Browser and DNS-rebinding defence").
         if req.browser {
             return Err(Refusal::Forbidden("browser requests are refused"));
         }
         if !head::host_is_local(req.host, &self.allowed_hosts) {
             return Err(Refusal::Forbidden("Host is not a local name"));
         }
-        // B3 / S2: TRACE would reflect the injected key.
+        // TRACE would reflect the injected key (RFC 9110 §9.3.8).
         if req.trace {
             return Err(Refusal::MethodNotAllowed);
         }
@@ -140,7 +141,8 @@ impl RouteTable {
                 return Err(Refusal::PayloadTooLarge);
             }
         }
-        // S11: a nomination must not remove what framing or injection relies on.
+        // A nomination must not remove what framing or injection relies on
+        // (RFC 9110 §7.6.1).
         for name in head::nominated(req.headers) {
             let protected = [&b"host"[..], b"content-length", b"transfer-encoding"];
             if protected.iter().any(|p| name.eq_ignore_ascii_case(p))
@@ -164,7 +166,8 @@ impl RouteTable {
         })
     }
 
-    /// S4: longest prefix on a segment boundary, case-sensitive.
+    /// Longest prefix on a segment boundary, case-sensitive
+    /// (docs/strict-profile.md, "Path safety").
     fn match_path(&self, path: &str) -> Option<usize> {
         self.routes
             .iter()
@@ -180,8 +183,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 /// Appends the upstream target: the URL's path, the rest of the client's
-/// path after the prefix, and the query, byte for byte (S4: never decoded or
-/// normalised).
+/// path after the prefix, and the query, byte for byte (never decoded or
+/// normalised: RFC 3986 §6 equivalences are the upstream's business).
 fn push_target(out: &mut Vec<u8>, url: &UpstreamUrl, prefix: &str, target: &str, path_len: usize) {
     let target = target.as_bytes();
     let skip = if prefix == "/" { 0 } else { prefix.len() };
@@ -194,7 +197,8 @@ fn push_target(out: &mut Vec<u8>, url: &UpstreamUrl, prefix: &str, target: &str,
     out.extend_from_slice(target.get(path_len..).unwrap_or_default());
 }
 
-/// Should this client header be dropped before forwarding (S11, S13)?
+/// Should this client header be dropped before forwarding (RFC 9110 §7.6.1
+/// hop-by-hop fields, §7.8 Upgrade, and every credential)?
 fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route, nominates: bool) -> bool {
     const CREDENTIALS: [&str; 5] = [
         "host",
@@ -432,7 +436,7 @@ mod tests {
             req("x-api-key: placeholder\r\nConnection: host\r\n", "/"),
             Err(Refusal::BadRequest(_))
         ));
-        // S11: the route injects x-api-key, so nominating it is refused; other credentials may be.
+        // The route injects x-api-key, so nominating it is refused; other credentials may be.
         assert!(matches!(
             req("x-api-key: placeholder\r\nConnection: x-api-key\r\n", "/"),
             Err(Refusal::BadRequest(_))
