@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant, Sleep};
 
-use crate::body::{BodyError, BodyReader};
+use crate::body::{BodyError, Reframer};
 use crate::config::{Limits, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
 use crate::head::{self, Framing, MAX_INTERIM_RESPONSES};
@@ -327,7 +327,7 @@ async fn exchange<S: ClientIo>(
         .upstreams
         .get(forward.route())
         .ok_or(Refusal::BadGateway("no upstream"))?;
-    let mut request_body = BodyReader::new(forward.framing());
+    let mut request_body = Reframer::new(forward.framing());
     let expect_continue = forward.expect_continue();
     let is_head = forward.is_head();
     let out = forward.head_mut();
@@ -438,7 +438,7 @@ async fn exchange<S: ClientIo>(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    let mut response_body = BodyReader::new(response.framing);
+    let mut response_body = Reframer::new(response.framing);
     // Body bytes that came with the head are checked before the head is
     // sent, so bad framing there is still a clean 502 (R5).
     if !response_in.is_empty() && !response_body.is_done() {
