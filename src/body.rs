@@ -1,29 +1,40 @@
-//! Body framing state machines, pure over bytes.
+//! Body framing, pure over bytes: no IO, no tokio, no clocks.
 //!
-//! `BodyReader` consumes a body's bytes as they arrive, however they are split,
-//! validates the framing (S10 for chunked, in both directions) and writes what
-//! keyhole forwards: the payload unchanged, and for chunked bodies canonical
-//! framing of its own (`{size:x}\r\n` data `\r\n` … `0\r\n\r\n`), with the
-//! client's extensions and trailers validated and dropped. It stops exactly
+//! `Reframer` consumes one body's bytes as they arrive, however they are
+//! split, validates its framing (chunked strictly, in both directions) and
+//! writes what keyhole forwards: the payload unchanged and, for chunked and
+//! close-delimited bodies, canonical chunked framing of its own
+//! (`{size:x}\r\n` data `\r\n` … `0\r\n\r\n`). The peer's chunk extensions and
+//! trailer fields are validated and dropped, so no framing byte that keyhole
+//! did not write reaches the other side: a parser there that reads chunked
+//! framing differently has nothing left to disagree about. It stops exactly
 //! at the end of the body, so pipelined bytes after it are never consumed.
+//!
+//! The chunked decoder has one state per position in the RFC 9112 §7.1
+//! grammar, and each byte either advances it or is refused: there is no
+//! lenient path and no resynchronising. Data is copied in runs, not per byte.
 
 use crate::config::{is_control, is_tchar};
 use crate::head::Framing;
 
-/// Most chunk-extension bytes per body (S10): they are dropped anyway, so a
-/// generous cap only bounds the work an attacker can make keyhole do.
+/// Most chunk-extension bytes per body. RFC 9112 §7.1.1 asks a recipient to
+/// limit them; keyhole drops them anyway, so the cap only bounds the work a
+/// peer can make it do.
 pub(crate) const MAX_EXTENSION_BYTES: u32 = 16 * 1024;
-/// Most trailer bytes per body (S10, the same field-line budget idea as S15).
+/// Most trailer bytes per body: trailer fields are field lines (RFC 9112
+/// §7.1.2), bounded like a head's (RFC 9110 §5.4) even though dropped.
 pub(crate) const MAX_TRAILER_BYTES: u32 = 16 * 1024;
-/// Most trailer lines per body.
+/// Most trailer lines per body, the same as the default cap on a head's
+/// field lines (`config::DEFAULT_MAX_HEADERS`): real trailers are a handful.
 pub(crate) const MAX_TRAILER_LINES: u32 = 100;
-/// 16 hex digits are all a u64 holds.
+/// Most hex digits in a chunk size: 16 are all a u64 holds, and counting
+/// leading zeros too keeps a size line's length bounded.
 const MAX_SIZE_DIGITS: u8 = 16;
 
 /// Why a body's framing was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyError {
-    /// Bad chunk framing; the text names the rule.
+    /// Bad chunk framing; the text names what was wrong.
     Chunk(&'static str),
     /// Chunk extensions or trailers over their budget.
     TooLarge(&'static str),
@@ -38,67 +49,111 @@ impl BodyError {
     }
 }
 
+/// Where the chunked decoder is in RFC 9112 §7.1's
+/// `chunk = chunk-size [ chunk-ext ] CRLF chunk-data CRLF`, with the last
+/// chunk (size 0) followed by `trailer-section CRLF`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
-    /// Reading hex digits of a size line.
-    Size { digits: u8, size: u64 },
-    /// In a chunk extension (after `;` or whitespace following the size).
-    Extension {
-        size: u64,
-        quoted: bool,
-        escaped: bool,
-    },
+    /// In `chunk-size = 1*HEXDIG`, with `digits` read so far.
+    Size { digits: u8 },
+    /// In the size line's `chunk-ext`.
+    Extension(Extension),
     /// Saw the CR ending a size line.
-    SizeLf { size: u64 },
-    /// Inside chunk data.
+    SizeLf,
+    /// In `chunk-data`, with `remaining` bytes to go.
     Data { remaining: u64 },
     /// Expecting the CR after chunk data.
     DataCr,
     /// Expecting the LF after chunk data.
     DataLf,
-    /// At the start of a trailer line (or the final empty line).
-    TrailerStart,
-    /// Inside a trailer field name.
-    TrailerName,
-    /// Inside a trailer field value.
-    TrailerValue,
-    /// Saw the CR ending a trailer line.
-    TrailerLf,
-    /// Saw the CR of the final empty line.
-    FinalLf,
+    /// In the trailer section, after the last chunk.
+    Trailer(Trailer),
     /// The body is complete.
     Done,
 }
 
-/// Consumes one body, validating its framing and emitting what is forwarded.
+/// Where a size line is in RFC 9112 §7.1.1's
+/// `chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extension {
+    /// In BWS after the size or a value: only a `;` may end it.
+    Bws,
+    /// After `;`: BWS, then a name.
+    NameStart,
+    /// In a `chunk-ext-name`.
+    Name,
+    /// In BWS after a name: `=` or `;` must end it.
+    NameBws,
+    /// After `=`: BWS, then a value.
+    ValueStart,
+    /// In a token `chunk-ext-val`.
+    Token,
+    /// In a quoted-string `chunk-ext-val`.
+    Quoted,
+    /// After a `\` in a quoted-string.
+    QuotedEscape,
+    /// After a quoted-string's closing `"`.
+    QuotedEnd,
+}
+
+/// Where the decoder is in RFC 9112 §7.1.2's `trailer-section =
+/// *( field-line CRLF )`, then the CRLF ending the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trailer {
+    /// At the start of a field line or of the final empty line.
+    Start,
+    /// In a field name.
+    Name,
+    /// In a field value.
+    Value,
+    /// Saw the CR ending a field line.
+    Lf,
+    /// Saw the CR of the final empty line.
+    EndLf,
+}
+
+/// Consumes one body, validating its framing and writing it re-framed.
 #[derive(Debug, Clone)]
-pub(crate) struct BodyReader {
+pub(crate) struct Reframer {
+    /// Where in the body the next byte falls.
     state: State,
+    /// The size read so far on the current size line.
+    size: u64,
+    /// Payload bytes seen (framing excluded).
     payload: u64,
+    /// Chunk-extension bytes seen, against `MAX_EXTENSION_BYTES`.
     extension_bytes: u32,
+    /// Trailer bytes seen, against `MAX_TRAILER_BYTES`.
     trailer_bytes: u32,
+    /// Trailer lines seen, against `MAX_TRAILER_LINES`.
     trailer_lines: u32,
 }
 
+/// The body's framing, and how far it has got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// A Content-Length body with this many bytes to go.
     Length(u64),
+    /// A chunked body.
     Chunked(Chunk),
+    /// A body that ends when the peer closes.
     UntilClose,
+    /// The body is complete.
     Done,
 }
 
-impl BodyReader {
-    /// A reader for a body with this framing.
-    pub(crate) fn new(framing: Framing) -> BodyReader {
+impl Reframer {
+    /// A reframer for a body with this framing.
+    pub(crate) fn new(framing: Framing) -> Reframer {
         let state = match framing {
             Framing::Empty | Framing::Length(0) => State::Done,
             Framing::Length(n) => State::Length(n),
-            Framing::Chunked => State::Chunked(Chunk::Size { digits: 0, size: 0 }),
+            Framing::Chunked => State::Chunked(Chunk::Size { digits: 0 }),
             Framing::UntilClose => State::UntilClose,
         };
-        BodyReader {
+        Reframer {
             state,
+            size: 0,
             payload: 0,
             extension_bytes: 0,
             trailer_bytes: 0,
@@ -132,12 +187,10 @@ impl BodyReader {
     pub(crate) fn passthrough(&mut self, input: &[u8]) -> Option<usize> {
         let take = match self.state {
             State::Length(n) => {
-                let take = input.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                let left = n - take as u64;
-                self.state = if left == 0 {
-                    State::Done
-                } else {
-                    State::Length(left)
+                let take = run(n, input.len());
+                self.state = match n - take as u64 {
+                    0 => State::Done,
+                    left => State::Length(left),
                 };
                 take
             }
@@ -169,169 +222,97 @@ impl BodyReader {
             return Ok(input.len());
         }
         let mut i = 0;
-        while i < input.len() {
-            let State::Chunked(chunk) = self.state else {
-                break;
+        while let (Some(&byte), State::Chunked(chunk)) = (input.get(i), self.state) {
+            let (next, used) = match chunk {
+                Chunk::Data { remaining } => self.data(remaining, &input[i..], out),
+                _ => (self.step(chunk, byte, out)?, 1),
             };
-            if let Chunk::Data { remaining } = chunk {
-                let take = (input.len() - i).min(usize::try_from(remaining).unwrap_or(usize::MAX));
-                out.extend_from_slice(&input[i..i + take]);
-                i += take;
-                self.payload += take as u64;
-                let left = remaining - take as u64;
-                self.state = State::Chunked(if left == 0 {
-                    Chunk::DataCr
-                } else {
-                    Chunk::Data { remaining: left }
-                });
-                continue;
-            }
-            let next = self.step(chunk, input[i], out)?;
-            self.state = if next == Chunk::Done {
-                State::Done
-            } else {
-                State::Chunked(next)
+            self.state = match next {
+                Chunk::Done => State::Done,
+                _ => State::Chunked(next),
             };
-            i += 1;
+            i += used;
         }
         Ok(i)
     }
 
-    /// One byte of chunk framing (S10). Every branch either advances or
-    /// refuses: there is no lenient path.
+    /// One byte of chunk framing: the next state, or a refusal.
     fn step(&mut self, chunk: Chunk, byte: u8, out: &mut Vec<u8>) -> Result<Chunk, BodyError> {
-        let bad = BodyError::Chunk;
-        Ok(match chunk {
-            Chunk::Size { digits, size } => match byte {
-                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                    if digits == MAX_SIZE_DIGITS {
-                        return Err(bad("chunk size too long"));
-                    }
-                    let value = u64::from((byte as char).to_digit(16).unwrap_or(0));
-                    let size = size
-                        .checked_mul(16)
-                        .and_then(|s| s.checked_add(value))
-                        .ok_or(bad("chunk size overflows"))?;
-                    Chunk::Size {
-                        digits: digits + 1,
-                        size,
-                    }
-                }
-                _ if digits == 0 => return Err(bad("chunk size is not hex")),
-                b'\r' => Chunk::SizeLf { size },
-                b';' | b' ' | b'\t' => {
-                    self.count_extension()?;
-                    Chunk::Extension {
-                        size,
-                        quoted: false,
-                        escaped: false,
-                    }
-                }
-                _ => return Err(bad("invalid byte after chunk size")),
-            },
-            Chunk::Extension {
-                size,
-                quoted,
-                escaped,
-            } => {
-                self.count_extension()?;
-                // chunk-ext grammar, loosely: tokens, `;`, `=`, BWS and quoted
-                // strings; never a control byte or a bare CR/LF.
-                if is_control(byte) && byte != b'\t' && (byte != b'\r' || quoted) {
-                    return Err(bad("control byte in chunk extension"));
-                }
-                match (quoted, escaped, byte) {
-                    (true, true, _) => Chunk::Extension {
-                        size,
-                        quoted,
-                        escaped: false,
-                    },
-                    (true, false, b'\\') => Chunk::Extension {
-                        size,
-                        quoted,
-                        escaped: true,
-                    },
-                    (true, false, b'"') => Chunk::Extension {
-                        size,
-                        quoted: false,
-                        escaped: false,
-                    },
-                    (true, false, _) => chunk,
-                    (false, _, b'"') => Chunk::Extension {
-                        size,
-                        quoted: true,
-                        escaped: false,
-                    },
-                    (false, _, b'\r') => Chunk::SizeLf { size },
-                    (false, _, b) if is_tchar(b) || b"; \t=".contains(&b) => chunk,
-                    (false, _, _) => return Err(bad("invalid byte in chunk extension")),
-                }
-            }
-            Chunk::SizeLf { size } => {
-                if byte != b'\n' {
-                    return Err(bad("chunk size line not ended by CRLF"));
-                }
-                if size == 0 {
-                    Chunk::TrailerStart
-                } else {
-                    write_size(out, size);
-                    Chunk::Data { remaining: size }
-                }
-            }
+        let next = match chunk {
+            Chunk::Size { digits } => self.size(digits, byte)?,
+            Chunk::Extension(at) => extension(at, byte)?,
+            Chunk::SizeLf => self.size_end(byte, out)?,
+            Chunk::DataCr | Chunk::DataLf => data_end(chunk, byte, out)?,
+            Chunk::Trailer(at) => trailer(at, byte, out)?,
+            // `feed` copies data runs itself and stops once the body is done.
             Chunk::Data { .. } | Chunk::Done => return Err(bad("internal framing state")),
-            Chunk::DataCr if byte == b'\r' => Chunk::DataLf,
-            Chunk::DataLf if byte == b'\n' => {
-                out.extend_from_slice(b"\r\n");
-                Chunk::Size { digits: 0, size: 0 }
+        };
+        self.count(next)?;
+        Ok(next)
+    }
+
+    /// A byte of a size line before any extension. RFC 9112 §7.1:
+    /// `chunk-size = 1*HEXDIG`, so an empty size, a sign, `0x` or leading
+    /// whitespace is refused; checked arithmetic refuses what a u64 cannot hold.
+    fn size(&mut self, digits: u8, byte: u8) -> Result<Chunk, BodyError> {
+        let Some(value) = char::from(byte).to_digit(16) else {
+            return match digits {
+                0 => Err(bad("chunk size is not hex")),
+                _ => extension_or_end(byte),
+            };
+        };
+        if digits == MAX_SIZE_DIGITS {
+            return Err(bad("chunk size too long"));
+        }
+        self.size = self
+            .size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(value)))
+            .ok_or(bad("chunk size overflows"))?;
+        Ok(Chunk::Size { digits: digits + 1 })
+    }
+
+    /// The LF ending a size line. RFC 9112 §7.1 ends it with CRLF; a bare CR
+    /// or LF is refused because other parsers disagree on what it means.
+    fn size_end(&mut self, byte: u8, out: &mut Vec<u8>) -> Result<Chunk, BodyError> {
+        if byte != b'\n' {
+            return Err(bad("chunk size line not ended by CRLF"));
+        }
+        Ok(match std::mem::take(&mut self.size) {
+            0 => Chunk::Trailer(Trailer::Start),
+            size => {
+                write_size(out, size);
+                Chunk::Data { remaining: size }
             }
-            Chunk::DataCr | Chunk::DataLf => return Err(bad("chunk data not followed by CRLF")),
-            Chunk::TrailerStart => match byte {
-                b'\r' => Chunk::FinalLf,
-                _ if is_tchar(byte) => {
-                    self.count_trailer(true)?;
-                    Chunk::TrailerName
-                }
-                _ => return Err(bad("invalid trailer field")),
-            },
-            Chunk::TrailerName => {
-                self.count_trailer(false)?;
-                match byte {
-                    b':' => Chunk::TrailerValue,
-                    _ if is_tchar(byte) => chunk,
-                    _ => return Err(bad("invalid trailer field name")),
-                }
-            }
-            Chunk::TrailerValue => {
-                self.count_trailer(false)?;
-                match byte {
-                    b'\r' => Chunk::TrailerLf,
-                    _ if is_control(byte) && byte != b'\t' => {
-                        return Err(bad("control byte in trailer value"))
-                    }
-                    _ => chunk,
-                }
-            }
-            Chunk::TrailerLf if byte == b'\n' => Chunk::TrailerStart,
-            Chunk::TrailerLf => return Err(bad("trailer line not ended by CRLF")),
-            Chunk::FinalLf if byte == b'\n' => {
-                out.extend_from_slice(b"0\r\n\r\n");
-                Chunk::Done
-            }
-            Chunk::FinalLf => return Err(bad("chunked body not ended by CRLF")),
         })
     }
 
-    fn count_extension(&mut self) -> Result<(), BodyError> {
-        self.extension_bytes += 1;
+    /// As much of a chunk's data as `input` holds, copied as one run; and
+    /// how many bytes that took.
+    fn data(&mut self, remaining: u64, input: &[u8], out: &mut Vec<u8>) -> (Chunk, usize) {
+        let take = run(remaining, input.len());
+        out.extend_from_slice(&input[..take]);
+        self.payload += take as u64;
+        match remaining - take as u64 {
+            0 => (Chunk::DataCr, take),
+            left => (Chunk::Data { remaining: left }, take),
+        }
+    }
+
+    /// Charges the byte that moved the decoder `to` a state against the
+    /// per-body budgets: every byte from the first `;` or BWS after a size up
+    /// to the CR ending its line, every trailer byte up to each line's CR, and
+    /// each trailer line at its CR.
+    fn count(&mut self, to: Chunk) -> Result<(), BodyError> {
+        match to {
+            Chunk::Extension(_) => self.extension_bytes += 1,
+            Chunk::Trailer(Trailer::Name | Trailer::Value | Trailer::Lf) => self.trailer_bytes += 1,
+            _ => {}
+        }
+        self.trailer_lines += u32::from(to == Chunk::Trailer(Trailer::Lf));
         if self.extension_bytes > MAX_EXTENSION_BYTES {
             return Err(BodyError::TooLarge("chunk extensions too large"));
         }
-        Ok(())
-    }
-
-    fn count_trailer(&mut self, new_line: bool) -> Result<(), BodyError> {
-        self.trailer_bytes += 1;
-        self.trailer_lines += u32::from(new_line);
         if self.trailer_bytes > MAX_TRAILER_BYTES || self.trailer_lines > MAX_TRAILER_LINES {
             return Err(BodyError::TooLarge("trailers too large"));
         }
@@ -339,24 +320,120 @@ impl BodyReader {
     }
 }
 
-/// Transitional name (see the body rewrite).
-pub(crate) type Reframer = BodyReader;
+/// A refusal of bad chunk framing.
+fn bad(why: &'static str) -> BodyError {
+    BodyError::Chunk(why)
+}
 
-/// Appends a canonical chunk size line.
-fn write_size(out: &mut Vec<u8>, size: u64) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    let mut n = size;
-    loop {
-        i -= 1;
-        digits[i] = HEX[(n & 15) as usize];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
+/// How much of `available` input a body with `remaining` bytes to go takes.
+fn run(remaining: u64, available: usize) -> usize {
+    available.min(usize::try_from(remaining).unwrap_or(usize::MAX))
+}
+
+/// HTAB, SP, VCHAR or obs-text: the bytes of RFC 9110 §5.6.4's quoted-pair
+/// and of a field value (RFC 9110 §5.5); never a control byte, CR or LF.
+fn is_text(byte: u8) -> bool {
+    byte == b'\t' || !is_control(byte)
+}
+
+/// A byte after the size or after a whole extension. RFC 9112 §7.1.1 allows
+/// a further extension's `;`, the BWS before it, or the CR ending the line.
+fn extension_or_end(byte: u8) -> Result<Chunk, BodyError> {
+    match byte {
+        b';' => Ok(Chunk::Extension(Extension::NameStart)),
+        b' ' | b'\t' => Ok(Chunk::Extension(Extension::Bws)),
+        b'\r' => Ok(Chunk::SizeLf),
+        _ => Err(bad("invalid byte in chunk size line")),
     }
-    out.extend_from_slice(&digits[i..]);
+}
+
+/// One byte of a chunk extension (RFC 9112 §7.1.1). Extensions are dropped,
+/// but parsed strictly all the same: where a lenient parser and a strict
+/// one disagree on where a size line ends, bodies can be smuggled.
+fn extension(at: Extension, byte: u8) -> Result<Chunk, BodyError> {
+    use Extension as E;
+    let bws = matches!(byte, b' ' | b'\t');
+    let next = match at {
+        // In RFC 9112 §7.1.1, BWS after a size or value only ever precedes
+        // `;`: whitespace then CRLF matches no rule, so it is refused.
+        E::Bws if bws => E::Bws,
+        E::Bws if byte == b';' => E::NameStart,
+        E::Bws => return Err(bad("whitespace in chunk size line not before `;`")),
+        // A name is a token (RFC 9110 §5.6.2), and it is not optional.
+        E::NameStart if bws => E::NameStart,
+        E::NameStart | E::Name if is_tchar(byte) => E::Name,
+        E::NameStart => return Err(bad("chunk extension without a name")),
+        E::Name | E::NameBws if byte == b'=' => E::ValueStart,
+        E::Name | E::NameBws if bws => E::NameBws,
+        E::NameBws if byte == b';' => E::NameStart,
+        E::NameBws => return Err(bad("whitespace in chunk extension not before `=` or `;`")),
+        // `=` needs a value: a token or a quoted-string.
+        E::ValueStart if bws => E::ValueStart,
+        E::ValueStart if byte == b'"' => E::Quoted,
+        E::ValueStart | E::Token if is_tchar(byte) => E::Token,
+        E::ValueStart => return Err(bad("chunk extension without a value")),
+        // A name or value may be the line's last: `;`, BWS or CR may follow.
+        E::Name | E::Token | E::QuotedEnd => return extension_or_end(byte),
+        // RFC 9110 §5.6.4: qdtext is HTAB, SP, 0x21, 0x23-0x5B, 0x5D-0x7E and
+        // obs-text; a quoted-pair is `\` then HTAB, SP, VCHAR or obs-text. So
+        // a quoted-string never holds a control byte, and never spans a line.
+        E::Quoted if byte == b'"' => E::QuotedEnd,
+        E::Quoted if byte == b'\\' => E::QuotedEscape,
+        E::Quoted | E::QuotedEscape if is_text(byte) => E::Quoted,
+        E::Quoted | E::QuotedEscape => return Err(bad("invalid byte in quoted chunk extension")),
+    };
+    Ok(Chunk::Extension(next))
+}
+
+/// The CRLF after chunk data (RFC 9112 §7.1). Anything else means the size
+/// did not match the data, which is refused rather than guessed at.
+fn data_end(chunk: Chunk, byte: u8, out: &mut Vec<u8>) -> Result<Chunk, BodyError> {
+    match (chunk, byte) {
+        (Chunk::DataCr, b'\r') => Ok(Chunk::DataLf),
+        (Chunk::DataLf, b'\n') => {
+            out.extend_from_slice(b"\r\n");
+            Ok(Chunk::Size { digits: 0 })
+        }
+        _ => Err(bad("chunk data not followed by CRLF")),
+    }
+}
+
+/// One byte of the trailer section (RFC 9112 §7.1.2). Its fields are
+/// dropped, but each line must still be a field line, so that no line can be
+/// read as the end of the body or the start of another message.
+fn trailer(at: Trailer, byte: u8, out: &mut Vec<u8>) -> Result<Chunk, BodyError> {
+    use Trailer as T;
+    let next = match at {
+        T::Start if byte == b'\r' => T::EndLf,
+        // A field name is a token (RFC 9110 §5.6.2): it is never empty, and
+        // leading whitespace (obs-fold, RFC 9112 §5.2) is refused.
+        T::Start if is_tchar(byte) => T::Name,
+        T::Start => return Err(bad("invalid trailer field")),
+        T::Name if byte == b':' => T::Value,
+        T::Name if is_tchar(byte) => T::Name,
+        T::Name => return Err(bad("invalid trailer field name")),
+        T::Value if byte == b'\r' => T::Lf,
+        T::Value if is_text(byte) => T::Value,
+        T::Value => return Err(bad("control byte in trailer value")),
+        // CRLF only, as for every line of the body (RFC 9112 §7.1): parsers
+        // that also take a bare LF disagree with us on where lines end.
+        T::Lf if byte == b'\n' => T::Start,
+        T::Lf => return Err(bad("trailer line not ended by CRLF")),
+        T::EndLf if byte == b'\n' => {
+            out.extend_from_slice(b"0\r\n\r\n");
+            return Ok(Chunk::Done);
+        }
+        T::EndLf => return Err(bad("chunked body not ended by CRLF")),
+    };
+    Ok(Chunk::Trailer(next))
+}
+
+/// Appends a canonical chunk size line: lowercase hex, no leading zeros.
+fn write_size(out: &mut Vec<u8>, size: u64) {
+    let digits = (u64::BITS - size.leading_zeros()).div_ceil(4).max(1);
+    for digit in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[((size >> (digit * 4)) & 15) as usize]);
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -364,100 +441,297 @@ fn write_size(out: &mut Vec<u8>, size: u64) {
 mod tests {
     use super::*;
 
-    /// Feeds `input` whole, then split at every point, and checks all agree.
-    fn decode(input: &[u8]) -> Result<(usize, Vec<u8>, u64), BodyError> {
-        let mut reader = BodyReader::new(Framing::Chunked);
+    /// What a decode gives: bytes used, output, payload, done.
+    type Decoded = Result<(usize, Vec<u8>, u64, bool), BodyError>;
+
+    /// Where to split `input` in two: at every byte position, or for the big
+    /// inputs of the budget tests at a few hundred positions spread over it.
+    fn splits(input: &[u8]) -> impl Iterator<Item = usize> {
+        let step = (input.len() / 256).max(1);
+        (0..=input.len()).step_by(step).chain([input.len()])
+    }
+
+    /// A short, printable name for `input` in failure messages.
+    fn show(input: &[u8]) -> String {
+        format!(
+            "{:?}",
+            String::from_utf8_lossy(&input[..input.len().min(48)])
+        )
+    }
+
+    /// Decodes `input` fed in `pieces`, stopping once the body is done.
+    fn decode_pieces(pieces: &[&[u8]]) -> Decoded {
+        let mut reframer = Reframer::new(Framing::Chunked);
         let mut out = Vec::new();
-        let used = reader.feed(input, &mut out)?;
-        let whole = (used, out, reader.payload());
-        for split in 0..input.len() {
-            let mut reader = BodyReader::new(Framing::Chunked);
-            let mut out = Vec::new();
-            let mut used = reader.feed(&input[..split], &mut out).unwrap();
-            if used == split && !reader.is_done() {
-                used += reader.feed(&input[split..], &mut out).unwrap();
+        let mut used = 0;
+        for piece in pieces {
+            used += reframer.feed(piece, &mut out)?;
+            if reframer.is_done() {
+                break;
             }
-            assert_eq!(
-                (used, &out, reader.payload()),
-                (whole.0, &whole.1, whole.2),
-                "split {split}"
-            );
         }
-        assert!(reader_done(input));
-        Ok(whole)
+        Ok((used, out, reframer.payload(), reframer.is_done()))
     }
 
-    fn reader_done(input: &[u8]) -> bool {
-        let mut reader = BodyReader::new(Framing::Chunked);
-        reader.feed(input, &mut Vec::new()).is_ok() && reader.is_done()
+    /// Decodes `input` fed whole, checking that split in two anywhere it
+    /// gives the same result, refusal included.
+    fn decode(input: &[u8]) -> Decoded {
+        let whole = decode_pieces(&[input]);
+        for split in splits(input) {
+            let (head, tail) = input.split_at(split);
+            let got = decode_pieces(&[head, tail]);
+            assert_eq!(got, whole, "{} split at {split}", show(input));
+        }
+        whole
     }
 
-    fn refused(input: &[u8]) -> bool {
-        let mut reader = BodyReader::new(Framing::Chunked);
-        reader.feed(input, &mut Vec::new()).is_err()
+    /// Checks a complete body is accepted however split, re-framed as
+    /// `canonical`, and that the canonical form decodes to itself.
+    fn accepts(input: &[u8], canonical: &[u8]) {
+        let name = show(input);
+        let (used, out, payload, done) = decode(input).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!((used, done), (input.len(), true), "{name}");
+        assert_eq!(out, canonical, "{name}");
+        assert_eq!(decode(&out), Ok((out.len(), out.clone(), payload, true)));
     }
 
-    #[test]
-    fn s10_canonical_reencoding() {
-        let (used, out, payload) =
-            decode(b"5;ext=\"a;b\"\r\nhello\r\n00A\r\n0123456789\r\n000\r\nX-T: v\r\n\r\nNEXT")
-                .unwrap();
-        assert_eq!(used, 52);
-        assert_eq!(out, b"5\r\nhello\r\na\r\n0123456789\r\n0\r\n\r\n");
-        assert_eq!(payload, 15);
+    /// Checks `input` is refused for `reason`, fed whole and however split.
+    fn refuses(input: &[u8], reason: &str) {
+        let got = decode(input).map(|_| ()).map_err(BodyError::reason);
+        assert_eq!(got, Err(reason), "{}", show(input));
     }
 
-    #[test]
-    fn s10_bad_framing_refused() {
-        for bad in [
-            &b"\r\n"[..],
-            b"x\r\n",
-            b"+5\r\nhello\r\n",
-            b"-5\r\n",
-            b"0x5\r\n",
-            b" 5\r\n",
-            b"5\nhello\r\n",
-            b"5\r\nhelloX\r\n",
-            b"5\r\nhello\n",
-            b"5\r\nhello\r\r",
+    /// One test per refusing transition: its name, inputs, and the reason.
+    macro_rules! refused {
+        ($($name:ident: [$($input:expr),* $(,)?] => $reason:expr;)*) => {$(
+            #[test]
+            fn $name() {
+                $(refuses($input, $reason);)*
+            }
+        )*};
+    }
+
+    const NOT_HEX: &str = "chunk size is not hex";
+    const SIZE_LINE: &str = "invalid byte in chunk size line";
+    const QUOTED: &str = "invalid byte in quoted chunk extension";
+    const DATA_END: &str = "chunk data not followed by CRLF";
+
+    refused! {
+        // The audit's defect: BWS is only allowed before an extension's `;`.
+        chunk_size_followed_by_whitespace_without_extension_is_refused: [
+            b"5 \r\nhello\r\n0\r\n\r\n",
+            b"5\t\r\nhello\r\n0\r\n\r\n",
+            b"5 \t x\r\n",
+            b"5;a=b \r\n",
+            b"5;a=\"b\" \r\n",
+        ] => "whitespace in chunk size line not before `;`";
+        empty_size_line_is_refused: [b"\r\nhello\r\n", b";a\r\n"] => NOT_HEX;
+        signed_or_prefixed_size_is_refused: [b"+5\r\n", b"-5\r\n", b"x\r\n", b" 5\r\n"] => NOT_HEX;
+        byte_after_size_digits_is_refused: [b"0x5\r\n", b"5g\r\n", b"5\n", b"5\x00\r\n"] => SIZE_LINE;
+        seventeen_size_digits_are_refused: [
+            b"00000000000000005\r\n",
+            b"10000000000000000\r\n",
+        ] => "chunk size too long";
+        size_line_bare_cr_is_refused: [
+            b"5\rhello",
+            b"5;a\r\r\n",
+        ] => "chunk size line not ended by CRLF";
+        extension_without_name_is_refused: [
+            b"5;\r\n",
+            b"5;=x\r\n",
+            b"5; \r\n",
+            b"5;;a\r\n",
+            b"5;\"q\"\r\n",
+        ] => "chunk extension without a name";
+        byte_in_extension_name_is_refused: [
             b"5;a\nb\r\n",
             b"5;a\x00\r\n",
-            b"5;\"unbalanced\r\n",
-            b"11111111111111111\r\n",
-            b"0\r\nX-T: v\n\r\n",
+            b"5;a\"b\"\r\n",
+            b"5;a@\r\n",
+        ] => SIZE_LINE;
+        whitespace_after_extension_name_not_before_equals_or_semicolon_is_refused: [
+            b"5;a \r\n",
+            b"5;a b\r\n",
+        ] => "whitespace in chunk extension not before `=` or `;`";
+        extension_equals_without_value_is_refused: [
+            b"5;a=\r\n",
+            b"5;a=;b\r\n",
+            b"5;a= \r\n",
+            b"5;a==b\r\n",
+        ] => "chunk extension without a value";
+        byte_in_token_value_is_refused: [b"5;a=b\nx\r\n", b"5;a=b\"c\"\r\n", b"5;a=b=c\r\n"] => SIZE_LINE;
+        control_byte_in_quoted_value_is_refused: [
+            b"5;a=\"\r\n\"\r\n",
+            b"5;a=\"\x00\"\r\n",
+            b"5;a=\"\x7f\"\r\n",
+            b"5;a=\"unbalanced\r\n",
+        ] => QUOTED;
+        control_byte_after_quoted_pair_backslash_is_refused: [
+            b"5;a=\"\\\n\"\r\n",
+            b"5;a=\"\\\x01\"\r\n",
+        ] => QUOTED;
+        byte_after_closing_quote_is_refused: [b"5;a=\"b\"c\r\n", b"5;a=\"b\"\"\r\n"] => SIZE_LINE;
+        data_longer_than_size_is_refused: [b"5\r\nhelloX\r\n", b"5\r\nhello\n"] => DATA_END;
+        data_cr_without_lf_is_refused: [b"5\r\nhello\r\r\n", b"5\r\nhello\rX"] => DATA_END;
+        trailer_line_not_starting_with_token_is_refused: [
             b"0\r\n: v\r\n\r\n",
             b"0\r\n x: v\r\n\r\n",
+            b"0\r\n\n",
+            b"0\r\nX-T: v\r\n\tobs-fold\r\n\r\n",
+        ] => "invalid trailer field";
+        byte_in_trailer_name_is_refused: [
             b"0\r\nX T: v\r\n\r\n",
+            b"0\r\nnot a trailer\r\n\r\n",
+            b"0\r\nX\r\n\r\n",
+        ] => "invalid trailer field name";
+        control_byte_in_trailer_value_is_refused: [
+            b"0\r\nX-T: a\x00b\r\n\r\n",
+            b"0\r\nX-T: v\n\r\n",
+        ] => "control byte in trailer value";
+        trailer_line_bare_cr_is_refused: [b"0\r\nX-T: v\r\r\n"] => "trailer line not ended by CRLF";
+        final_line_bare_cr_is_refused: [
             b"0\r\n\r\r",
-        ] {
-            assert!(refused(bad), "{}", String::from_utf8_lossy(bad));
-        }
-        assert!(!refused(b"ffffffffffffffff\r\n"));
+            b"0\r\nX-T: v\r\n\rGET",
+        ] => "chunked body not ended by CRLF";
     }
 
     #[test]
-    fn s10_extension_budget() {
+    fn sixteen_size_digits_are_accepted() {
+        let max = b"ffffffffffffffff\r\n";
+        assert_eq!(
+            decode(max),
+            Ok((max.len(), b"ffffffffffffffff\r\n".to_vec(), 0, false))
+        );
+        accepts(
+            b"0000000000000001\r\nx\r\n0\r\n\r\n",
+            b"1\r\nx\r\n0\r\n\r\n",
+        );
+    }
+
+    #[test]
+    fn extension_bytes_over_budget_are_refused() {
+        // Every byte from the `;` counts: `;` plus the rest of the budget fits.
         let mut body = b"1;".to_vec();
-        body.resize(2 + MAX_EXTENSION_BYTES as usize, b'a');
-        assert!(matches!(
-            BodyReader::new(Framing::Chunked).feed(&body, &mut Vec::new()),
-            Err(BodyError::TooLarge(_))
-        ));
+        body.resize(1 + MAX_EXTENSION_BYTES as usize, b'a');
+        assert_eq!(decode(&body).map(|r| r.3), Ok(false));
+        body.push(b'a');
+        refuses(&body, "chunk extensions too large");
+        // The budget is per body, not per chunk.
+        let many = b"1;e=xxxxxxxxxxxx\r\na\r\n".repeat(MAX_EXTENSION_BYTES as usize / 15 + 1);
+        refuses(&many, "chunk extensions too large");
+    }
+
+    #[test]
+    fn many_chunks_without_extensions_spend_no_extension_budget() {
+        let chunks = b"1\r\na\r\n".repeat(MAX_EXTENSION_BYTES as usize + 1);
+        let body = [chunks, b"0\r\n\r\n".to_vec()].concat();
+        assert_eq!(decode_pieces(&[&body]).map(|r| r.3), Ok(true));
+    }
+
+    #[test]
+    fn trailer_bytes_over_budget_are_refused() {
+        // Name, colon and value all count; the budget allows exactly this much.
+        let mut body = b"0\r\nX:".to_vec();
+        body.resize(3 + MAX_TRAILER_BYTES as usize, b'v');
+        assert_eq!(decode(&body).map(|r| r.3), Ok(false));
+        body.push(b'v');
+        refuses(&body, "trailers too large");
+    }
+
+    #[test]
+    fn trailer_lines_over_budget_are_refused() {
+        let lines = b"a:\r\n".repeat(MAX_TRAILER_LINES as usize);
+        accepts(&[b"0\r\n", &lines[..], b"\r\n"].concat(), b"0\r\n\r\n");
+        let body = [b"0\r\n", &lines[..], b"a:\r\n"].concat();
+        refuses(&body, "trailers too large");
+    }
+
+    #[test]
+    fn valid_bodies_reframe_identically_however_split() {
+        let hello = b"5\r\nhello\r\n0\r\n\r\n";
+        for input in [
+            &hello[..],
+            b"5;a\r\nhello\r\n0\r\n\r\n",
+            b"5 ;a\r\nhello\r\n0\r\n\r\n",
+            b"5\t; a = b ;c;d=\"\"\r\nhello\r\n0;last\r\n\r\n",
+            b"5;a=\"x\\\"y\\\\; \t\x80\xff!#[]~\" ; b=c\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"\\\t\\ \\\xff\\a\"\r\nhello\r\n0\r\n\r\n",
+            b"5;!#$%&'*+-.^_`|~09azAZ=!#$%&'*+-.^_`|~\r\nhello\r\n0\r\n\r\n",
+            b"0005\r\nhello\r\n000\r\nX-A: 1\r\nx-b:\t2 \xff\r\nc:\r\n\r\n",
+        ] {
+            accepts(input, hello);
+        }
+        accepts(b"0\r\n\r\n", b"0\r\n\r\n");
+        let two = b"A\r\n0123456789\r\n1\r\nx\r\n0\r\n\r\n";
+        accepts(two, b"a\r\n0123456789\r\n1\r\nx\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn stops_at_the_end_of_the_body() {
+        let input = b"5;ext=\"a;b\"\r\nhello\r\n00A\r\n0123456789\r\n000\r\nX-T: v\r\n\r\nNEXT";
+        let (used, out, payload, done) = decode(input).unwrap();
+        assert_eq!((used, payload, done), (input.len() - 4, 15, true));
+        assert_eq!(out, b"5\r\nhello\r\na\r\n0123456789\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn partial_body_is_not_done() {
+        let part = b"10\r\nonly-part";
+        assert_eq!(decode(part), Ok((part.len(), part.to_vec(), 9, false)));
+        assert_eq!(decode(b"0\r\n"), Ok((3, Vec::new(), 0, false)));
+    }
+
+    #[test]
+    fn data_is_copied_in_one_run() {
+        let mut body = b"10000\r\n".to_vec();
+        body.resize(body.len() + 0x10000, b'x');
+        let mut reframer = Reframer::new(Framing::Chunked);
+        let mut out = Vec::new();
+        assert_eq!(reframer.feed(&body, &mut out), Ok(body.len()));
+        assert_eq!(reframer.state, State::Chunked(Chunk::DataCr));
+        assert_eq!((out, reframer.payload()), (body, 0x10000));
     }
 
     #[test]
     fn length_stops_at_end() {
-        let mut reader = BodyReader::new(Framing::Length(3));
+        let mut reframer = Reframer::new(Framing::Length(3));
         let mut out = Vec::new();
-        assert_eq!(reader.feed(b"ab", &mut out).unwrap(), 2);
-        assert!(!reader.is_done());
-        assert_eq!(reader.feed(b"cdef", &mut out).unwrap(), 1);
-        assert!(reader.is_done());
-        assert_eq!(out, b"abc");
-        let mut reader = BodyReader::new(Framing::UntilClose);
+        assert_eq!(reframer.feed(b"ab", &mut out), Ok(2));
+        assert!(!reframer.is_done());
+        assert_eq!(reframer.passthrough(b"cdef"), Some(1));
+        assert!(reframer.is_done());
+        assert_eq!(reframer.feed(b"more", &mut out), Ok(0));
+        assert_eq!((&out[..], reframer.payload()), (&b"ab"[..], 3));
+        assert_eq!(Reframer::new(Framing::Chunked).passthrough(b"x"), None);
+        assert!(Reframer::new(Framing::Empty).is_done());
+    }
+
+    #[test]
+    fn until_close_is_reframed_as_chunked() {
+        let mut reframer = Reframer::new(Framing::UntilClose);
         let mut out = Vec::new();
-        assert_eq!(reader.feed(b"xyz", &mut out).unwrap(), 3);
-        assert!(reader.finish_at_close(&mut out));
+        assert_eq!(reframer.feed(b"xyz", &mut out), Ok(3));
+        assert_eq!(reframer.feed(b"", &mut out), Ok(0));
+        assert!(!reframer.is_done());
+        assert!(reframer.finish_at_close(&mut out));
         assert_eq!(out, b"3\r\nxyz\r\n0\r\n\r\n");
+        assert_eq!(reframer.payload(), 3);
+        // A framed body cut short by a close is not complete.
+        assert!(!Reframer::new(Framing::Chunked).finish_at_close(&mut out));
+    }
+
+    #[test]
+    fn size_lines_are_lowercase_hex_without_leading_zeros() {
+        for (size, text) in [
+            (1, "1"),
+            (0xf, "f"),
+            (0x10, "10"),
+            (0xabc, "abc"),
+            (u64::MAX, "ffffffffffffffff"),
+        ] {
+            let mut out = Vec::new();
+            write_size(&mut out, size);
+            assert_eq!(out, format!("{text}\r\n").as_bytes());
+        }
     }
 }

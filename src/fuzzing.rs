@@ -1,7 +1,7 @@
 //! Entry points for the fuzz targets and the corpus replay test: thin,
 //! panic-free wrappers over the pure parsers. Not a stable API.
 
-use crate::body::BodyReader;
+use crate::body::Reframer;
 use crate::error::Refusal;
 use crate::head::{self, Framing, HeadScan, Scan};
 
@@ -61,7 +61,7 @@ pub fn parse_request(head_bytes: &[u8]) -> Result<(String, String, BodyFraming),
 /// the canonical re-encoding, payload size, and whether the body ended; or
 /// an error text.
 pub fn decode_chunked(pieces: &[&[u8]]) -> Result<(usize, Vec<u8>, u64, bool), &'static str> {
-    let mut reader = BodyReader::new(Framing::Chunked);
+    let mut reader = Reframer::new(Framing::Chunked);
     let mut out = Vec::new();
     let mut used = 0;
     for piece in pieces {
@@ -284,7 +284,7 @@ pub fn run_connection(pieces: &[&[u8]]) -> ConnectionReport {
 }
 
 /// A minimal upstream: reads requests (heads by `HeadScan`, bodies by
-/// `BodyReader`, as keyhole frames them), answers each with a fixed 200.
+/// `Reframer`, as keyhole frames them), answers each with a fixed 200.
 async fn memory_upstream(
     mut stream: tokio::io::DuplexStream,
     record: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
@@ -324,7 +324,7 @@ async fn memory_upstream(
             all.extend_from_slice(&input.data()[..head_len]);
         }
         input.consume(head_len);
-        let mut body = BodyReader::new(framing);
+        let mut body = Reframer::new(framing);
         while !body.is_done() {
             if input.is_empty() && !matches!(input.read_from(&mut stream).await, Ok(n) if n > 0) {
                 return;

@@ -61,7 +61,7 @@
 //! (`head::parse_request`), applies policy and rewrites it
 //! (`route::RouteTable::forward`, producing an unforgeable `Forward`), sends it
 //! on a pooled or new TLS connection (`upstream`), pumps the body
-//! (`relay::pump` with `body::BodyReader`), reads and validates the response
+//! (`relay::pump` with `body::Reframer`), reads and validates the response
 //! head (`head::parse_response`) and relays the response body the same way.
 #![forbid(unsafe_code)]
 

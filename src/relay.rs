@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout, Instant, Sleep};
 
-use crate::body::{BodyError, BodyReader};
+use crate::body::{BodyError, Reframer};
 use crate::error::Refusal;
 use crate::head::{HeadScan, Scan};
 
@@ -311,7 +311,7 @@ pub(crate) async fn pump<R, W>(
     src: &mut R,
     input: &mut InBuf,
     dst: &mut W,
-    body: &mut BodyReader,
+    body: &mut Reframer,
     out: &mut Vec<u8>,
     idle: Duration,
     max_payload: Option<u64>,
@@ -391,7 +391,7 @@ mod tests {
             let mut input = InBuf::default();
             let mut dst = Vec::new();
             let mut out = b"HEAD\r\n".to_vec();
-            let mut body = BodyReader::new(Framing::Chunked);
+            let mut body = Reframer::new(Framing::Chunked);
             pump(
                 &mut src,
                 &mut input,
@@ -420,7 +420,7 @@ mod tests {
         let mut src = Chunks(vec![b"hello wor".to_vec()]);
         let mut input = InBuf::default();
         let mut dst = Vec::new();
-        let mut body = BodyReader::new(Framing::Length(20));
+        let mut body = Reframer::new(Framing::Length(20));
         let err = pump(
             &mut src,
             &mut input,
