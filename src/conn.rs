@@ -34,7 +34,8 @@ pub(crate) enum Phase {
     Closing,
 }
 
-/// A client connection: a TCP stream, or an in-memory pipe under fuzzing.
+/// A client connection: a TCP stream, or an in-memory pipe in tests and
+/// under fuzzing.
 pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
     /// Resolves when a read would not block, so an idle connection can wait
     /// without holding a buffer.
@@ -47,6 +48,7 @@ impl ClientIo for TcpStream {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 impl ClientIo for tokio::io::DuplexStream {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
         std::future::ready(Ok(()))

@@ -172,64 +172,26 @@ pub fn relay_response(head_bytes: &[u8], request_was_head: bool) -> Result<Relay
     })
 }
 
-/// What one client byte stream produced when run through the real
-/// connection loop against an in-memory upstream.
-#[derive(Debug, Clone, Default)]
-pub struct ConnectionReport {
-    /// Every byte each upstream connection received, one entry per connection.
-    pub upstream_streams: Vec<Vec<u8>>,
-    /// Requests the in-memory upstream parsed and answered, in order.
-    pub upstream_requests: usize,
-    /// Everything keyhole wrote back to the client.
-    pub client_output: Vec<u8>,
-    /// The connection loop did not finish within its time bound.
-    pub hung: bool,
-}
-
-/// Runs `pieces` (written one after another, then the write side closed)
-/// through `conn::serve` with the fuzz route table, whose upstreams are
-/// in-memory: each answers every request it can parse with
-/// `200 OK` and a two-byte body, and records the raw bytes it received.
-/// Timeouts are short (20 ms) so a stalled exchange ends quickly.
-#[must_use]
-pub fn run_connection(pieces: &[&[u8]]) -> ConnectionReport {
-    use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    type Recorded = Arc<Mutex<Vec<u8>>>;
-
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
-        return ConnectionReport::default();
-    };
-    let streams: Arc<Mutex<Vec<Recorded>>> = Arc::default();
-    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let Some(table) = fuzz_table() else {
-        return ConnectionReport::default();
-    };
-    let Ok(connector) = crate::upstream::tls_connector(&[]) else {
-        return ConnectionReport::default();
+/// Serves one client connection through the real connection loop, with
+/// the fuzz route table and in-memory upstreams: `connect` makes each new
+/// upstream connection. Timeouts are short (20 ms) so a stalled exchange
+/// ends quickly. Call it inside a tokio runtime with time enabled.
+pub async fn serve_in_memory(
+    client: tokio::io::DuplexStream,
+    connect: impl Fn() -> tokio::io::DuplexStream + Clone + Send + Sync + 'static,
+) {
+    let (Some(table), Ok(connector)) = (fuzz_table(), crate::upstream::tls_connector(&[])) else {
+        return;
     };
     let mut upstreams = Vec::new();
     for route in table.routes() {
-        let (streams, answered) = (streams.clone(), answered.clone());
-        let Ok(upstream) = crate::upstream::Upstream::new(
-            &route.upstream,
-            connector.clone(),
-            std::sync::Arc::default(),
-        ) else {
-            return ConnectionReport::default();
+        let wakeup = std::sync::Arc::default();
+        let Ok(upstream) =
+            crate::upstream::Upstream::new(&route.upstream, connector.clone(), wakeup)
+        else {
+            return;
         };
-        upstreams.push(upstream.with_memory(Box::new(move || {
-            let (ours, theirs) = tokio::io::duplex(64 * 1024);
-            let record = Arc::new(Mutex::new(Vec::new()));
-            if let Ok(mut all) = streams.lock() {
-                all.push(record.clone());
-            }
-            tokio::spawn(memory_upstream(theirs, record, answered.clone()));
-            ours
-        })));
+        upstreams.push(upstream.with_memory(Box::new(connect.clone())));
     }
     let short = std::time::Duration::from_millis(20);
     let limits = crate::Limits {
@@ -240,135 +202,39 @@ pub fn run_connection(pieces: &[&[u8]]) -> ConnectionReport {
         tls_timeout: short,
         ..crate::Limits::default()
     };
-    let shared = Arc::new(crate::conn::Shared {
+    let shared = std::sync::Arc::new(crate::conn::Shared {
         table,
         upstreams,
         limits,
     });
-    let (_phase_tx, phase_rx) = tokio::sync::watch::channel(crate::conn::Phase::Running);
-    let mut report = ConnectionReport::default();
-    runtime.block_on(async {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let serving = tokio::spawn(crate::conn::serve(server, shared, phase_rx));
-        let exchange = async {
-            // Read concurrently so keyhole never blocks on a full pipe.
-            let mut output = Vec::new();
-            let (mut read_half, mut write_half) = tokio::io::split(&mut client);
-            let write = async {
-                for piece in pieces {
-                    if write_half.write_all(piece).await.is_err() {
-                        break;
-                    }
-                    tokio::task::yield_now().await;
-                }
-                let _ = write_half.shutdown().await;
-            };
-            let read = read_half.read_to_end(&mut output);
-            let _ = tokio::join!(write, read);
-            output
-        };
-        match tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await {
-            Ok(output) => report.client_output = output,
-            Err(_) => report.hung = true,
-        }
-        serving.abort();
-    });
-    report.upstream_requests = answered.load(std::sync::atomic::Ordering::SeqCst);
-    if let Ok(all) = streams.lock() {
-        report.upstream_streams = all
-            .iter()
-            .map(|s| s.lock().map(|b| b.clone()).unwrap_or_default())
-            .collect();
-    }
-    report
+    let (_phase, phase) = tokio::sync::watch::channel(crate::conn::Phase::Running);
+    crate::conn::serve(client, shared, phase).await;
 }
 
-/// A minimal upstream: reads requests (heads by `HeadScan`, bodies by
-/// `Reframer`, as keyhole frames them), answers each with a fixed 200.
-async fn memory_upstream(
-    mut stream: tokio::io::DuplexStream,
-    record: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
-    use tokio::io::AsyncWriteExt;
-    let mut input = crate::relay::InBuf::default();
-    loop {
-        let Ok(head_len) = crate::relay::read_head(&mut stream, &mut input, 1 << 20, 1000).await
-        else {
-            return;
-        };
-        let framing = {
-            let mut storage = head::header_array();
-            let mut req = httparse::Request::new(&mut []);
-            if !matches!(
-                req.parse_with_uninit_headers(&input.data()[..head_len], &mut storage),
-                Ok(httparse::Status::Complete(_))
-            ) {
-                return;
-            }
-            let value = |name: &str| {
-                req.headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case(name))
-                    .map(|h| h.value)
-            };
-            if value("transfer-encoding").is_some() {
-                Framing::Chunked
-            } else {
-                value("content-length")
-                    .and_then(head::parse_length)
-                    .map_or(Framing::Empty, Framing::Length)
-            }
-        };
-        if let Ok(mut all) = record.lock() {
-            all.extend_from_slice(&input.data()[..head_len]);
-        }
-        input.consume(head_len);
-        let mut body = Reframer::new(framing);
-        while !body.is_done() {
-            if input.is_empty() && !matches!(input.read_from(&mut stream).await, Ok(n) if n > 0) {
-                return;
-            }
-            let mut sink = Vec::new();
-            let Ok(n) = body.feed(input.data(), &mut sink) else {
-                return;
-            };
-            if let Ok(mut all) = record.lock() {
-                all.extend_from_slice(&input.data()[..n]);
-            }
-            input.consume(n);
-        }
-        answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if stream
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-            .await
-            .is_err()
-        {
-            return;
-        }
+/// keyhole's body framing, for an in-memory upstream that must find where
+/// each forwarded request body ends.
+#[derive(Debug)]
+pub struct BodyDecoder(Reframer);
+
+impl BodyDecoder {
+    /// A decoder for a chunked body, or for one of `length` bytes.
+    #[must_use]
+    pub fn new(chunked: bool, length: u64) -> BodyDecoder {
+        BodyDecoder(Reframer::new(if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Length(length)
+        }))
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Consumes a prefix of `input`; returns how many bytes it took.
+    pub fn feed(&mut self, input: &[u8]) -> Result<usize, &'static str> {
+        (self.0.feed(input, &mut Vec::new())).map_err(crate::body::BodyError::reason)
+    }
 
-    #[test]
-    fn connection_runs_pipelined_requests_and_stops_at_rejection() {
-        let stream = b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\nPOST /openai/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\nGET /c HTTP/1.1\r\nHost: localhost\r\n\r\n";
-        let report = run_connection(&[&stream[..10], &stream[10..]]);
-        assert!(!report.hung);
-        assert_eq!(report.upstream_requests, 2);
-        let out = String::from_utf8_lossy(&report.client_output);
-        assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
-        assert!(
-            out.ends_with("both Content-Length and Transfer-Encoding\n"),
-            "{out}"
-        );
-        let all: Vec<u8> = report.upstream_streams.concat();
-        let all = String::from_utf8_lossy(&all);
-        assert!(all.contains("GET /base/a HTTP/1.1\r\nhost: upstream.example\r\nx-api-key: FUZZ-INJECTED-KEY\r\n\r\n"), "{all}");
-        assert!(all.contains("POST /v1/x HTTP/1.1\r\nhost: api.example\r\nauthorization: Bearer FUZZ-INJECTED-KEY\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), "{all}");
-        assert!(!all.contains("/c"));
+    /// Has the whole body been consumed?
+    #[must_use]
+    pub fn is_done(&self) -> bool {
+        self.0.is_done()
     }
 }

@@ -76,6 +76,7 @@ mod route;
 mod server;
 mod upstream;
 
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 

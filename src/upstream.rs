@@ -54,7 +54,8 @@ pub(crate) fn tls_connector(extra_roots_pem: &[Vec<u8>]) -> Result<TlsConnector,
 pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-    /// An in-memory upstream, for the connection fuzz target.
+    /// An in-memory upstream, for tests and the connection fuzz target.
+    #[cfg(any(test, feature = "fuzzing"))]
     Memory(tokio::io::DuplexStream),
 }
 
@@ -67,6 +68,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(any(test, feature = "fuzzing"))]
             Stream::Memory(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -81,6 +83,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(any(test, feature = "fuzzing"))]
             Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -92,6 +95,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            #[cfg(any(test, feature = "fuzzing"))]
             Stream::Memory(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
@@ -102,6 +106,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(any(test, feature = "fuzzing"))]
             Stream::Memory(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -109,6 +114,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(any(test, feature = "fuzzing"))]
             Stream::Memory(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -171,11 +177,13 @@ pub(crate) struct Upstream {
     connector: TlsConnector,
     idle: Mutex<Vec<(Connection, Instant)>>,
     wakeup: Arc<Wakeup>,
-    /// Under fuzzing: opens an in-memory connection instead of a socket.
+    /// In tests and under fuzzing: opens in-memory connections instead of sockets.
+    #[cfg(any(test, feature = "fuzzing"))]
     memory: Option<MemoryConnector>,
 }
 
-/// Makes in-memory upstream connections (fuzzing only).
+/// Makes in-memory upstream connections.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) type MemoryConnector = Box<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;
 
 impl Upstream {
@@ -193,11 +201,13 @@ impl Upstream {
             connector,
             idle: Mutex::new(Vec::new()),
             wakeup,
+            #[cfg(any(test, feature = "fuzzing"))]
             memory: None,
         })
     }
 
-    /// Replaces the network with in-memory connections (fuzzing only).
+    /// Replaces the network with in-memory connections.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn with_memory(mut self, connector: MemoryConnector) -> Upstream {
         self.memory = Some(connector);
         self
@@ -278,6 +288,7 @@ impl Upstream {
     /// TLS handshake (certificate verified before any request byte) under
     /// `tls_timeout`.
     async fn connect(&self, limits: &Limits) -> Result<Connection, Refusal> {
+        #[cfg(any(test, feature = "fuzzing"))]
         if let Some(memory) = &self.memory {
             return Ok(Connection::new(Stream::Memory(memory())));
         }

@@ -91,10 +91,13 @@ async fn defect2_zero_pool_size_does_not_panic() {
     assert_eq!(upstream.connections(), 3);
 }
 
+/// A change that puts one `Limits` field out of range.
+type Change = fn(&mut Limits);
+
 #[tokio::test]
 async fn defect2_out_of_range_limits_are_refused_naming_the_field() {
     let upstream = Upstream::start(|_| ok("x")).await;
-    let cases: [(&str, fn(&mut Limits)); 6] = [
+    let cases: [(&str, Change); 6] = [
         ("max_head_bytes", |l| l.max_head_bytes = usize::MAX),
         ("max_head_bytes", |l| l.max_head_bytes = 0),
         ("max_headers", |l| l.max_headers = 0),

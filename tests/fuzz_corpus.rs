@@ -5,6 +5,9 @@
 #[allow(unreachable_pub, dead_code)]
 #[path = "../fuzz/src/checks.rs"]
 mod checks;
+#[allow(unreachable_pub, dead_code)]
+#[path = "../fuzz/src/harness.rs"]
+mod harness;
 
 use std::path::{Path, PathBuf};
 
@@ -140,9 +143,30 @@ fn seed_names_match_verdicts() {
     }
     for (path, bytes) in corpus("connection") {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        if name.starts_with("valid-") && fuzzing::run_connection(&[&bytes]).upstream_requests == 0 {
+        if name.starts_with("valid-") && harness::run_connection(&[&bytes]).upstream_requests == 0 {
             wrong.push(format!("connection/{name}"));
         }
     }
     assert!(wrong.is_empty(), "seeds whose name lies: {wrong:#?}");
+}
+
+/// The harness itself: pipelined requests reach the in-memory upstream, a
+/// smuggling attempt stops the connection.
+#[test]
+fn connection_runs_pipelined_requests_and_stops_at_rejection() {
+    let stream = b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\nPOST /openai/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\nGET /c HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let report = harness::run_connection(&[&stream[..10], &stream[10..]]);
+    assert!(!report.hung);
+    assert_eq!(report.upstream_requests, 2);
+    let out = String::from_utf8_lossy(&report.client_output);
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    assert!(
+        out.ends_with("both Content-Length and Transfer-Encoding\n"),
+        "{out}"
+    );
+    let all: Vec<u8> = report.upstream_streams.concat();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.contains("GET /base/a HTTP/1.1\r\nhost: upstream.example\r\nx-api-key: FUZZ-INJECTED-KEY\r\n\r\n"), "{all}");
+    assert!(all.contains("POST /v1/x HTTP/1.1\r\nhost: api.example\r\nauthorization: Bearer FUZZ-INJECTED-KEY\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), "{all}");
+    assert!(!all.contains("/c"));
 }

@@ -674,7 +674,7 @@ pub fn connection(data: &[u8], splits: &[usize]) {
         start = cut;
     }
     pieces.push(&data[start..]);
-    let report = fuzzing::run_connection(&pieces);
+    let report = super::harness::run_connection(&pieces);
     assert!(!report.hung, "connection loop did not finish");
     if !report.client_output.is_empty() {
         assert!(

@@ -3,3 +3,4 @@
 //! on the stable toolchain.
 
 pub mod checks;
+pub mod harness;
