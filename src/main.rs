@@ -1,6 +1,7 @@
-//! The keyhole command: argument parsing, logging set-up, signals, and the
-//! `listening on` line; everything else is the library.
+//! The keyhole command: argument parsing, logging set-up, signals, the
+//! start-up lines and the `listening on` line; everything else is the library.
 
+use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -8,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyhole::{Limits, Proxy, Route, Secret};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
 use tracing::span;
 
 const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client-key VALUE]
@@ -17,6 +20,7 @@ const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client
                [--max-connections N] [--max-body-bytes N] [--max-head-bytes N]
                [--max-headers N] [--threads N] [--log-level LEVEL]
                (--route PREFIX=URL [--header NAME=VALUE]...)...
+       keyhole --version
 `${VAR}` in a header value or client key is read from the environment.
 With no --route and ANTHROPIC_API_KEY set:
   --route /=https://api.anthropic.com --header 'x-api-key=${ANTHROPIC_API_KEY}'";
@@ -24,7 +28,7 @@ With no --route and ANTHROPIC_API_KEY set:
 /// Parsed command line.
 struct Cli {
     listen: SocketAddr,
-    routes: Vec<Route>,
+    routes: Vec<CliRoute>,
     client_key: Option<Secret>,
     allow_hosts: Vec<String>,
     ca_files: Vec<String>,
@@ -33,30 +37,60 @@ struct Cli {
     log_level: tracing::Level,
 }
 
+/// A route, with what its start-up line shows: the prefix and URL, and the
+/// names of the headers it injects (never their values).
+struct CliRoute {
+    route: Route,
+    prefix: String,
+    url: String,
+    names: Vec<String>,
+}
+
+impl CliRoute {
+    /// `--route PREFIX=URL`.
+    fn new(arg: &str) -> Result<CliRoute, String> {
+        let (prefix, url) = arg
+            .split_once('=')
+            .ok_or_else(|| format!("--route {arg}: expected PREFIX=URL"))?;
+        // The prefix as the library keeps it, and the request lines show it.
+        let trimmed = prefix.trim_end_matches('/');
+        Ok(CliRoute {
+            route: Route::new(prefix, url).map_err(|e| e.to_string())?,
+            prefix: if trimmed.is_empty() { "/" } else { trimmed }.to_owned(),
+            url: url.to_owned(),
+            names: Vec::new(),
+        })
+    }
+
+    /// `--header NAME=VALUE`; a NAME this route already injects (compared
+    /// case-insensitively) is refused.
+    fn header(mut self, arg: &str) -> Result<CliRoute, String> {
+        let (name, template) = arg.split_once('=').ok_or("--header: expected NAME=VALUE")?;
+        let what = format!("--header {name}");
+        let lower = name.to_ascii_lowercase();
+        if self.names.contains(&lower) {
+            return Err(format!("{what}: given twice for route {}", self.prefix));
+        }
+        self.route = self.route.header(name, secret(&what, template)?);
+        self.names.push(lower);
+        Ok(self)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match parse_args(std::env::args().skip(1)) {
         Ok(Some(cli)) => cli,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(message) => {
-            eprintln!("keyhole: {message}");
-            return ExitCode::from(2);
-        }
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(message) => return fail(message, 2),
     };
-    let log = BatchedStderr(Arc::new(Mutex::new(BufWriter::with_capacity(
-        64 * 1024,
-        std::io::stderr(),
-    ))));
+    let log = Log::new(Box::new(std::io::stderr()));
     log.flush_periodically();
     let subscriber = LogLines {
         max_level: cli.log_level,
-        out: log.clone(),
+        log: log.clone(),
     };
     if tracing::subscriber::set_global_default(subscriber).is_err() {
-        eprintln!("keyhole: cannot set up logging");
-        return ExitCode::FAILURE;
+        return fail("cannot set up logging", 1);
     }
     // On one core (as when pinned with taskset) a single-threaded runtime
     // avoids the work-stealing scheduler's cross-thread bookkeeping.
@@ -72,26 +106,29 @@ fn main() -> ExitCode {
     };
     let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("keyhole: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(err) => return fail(format!("cannot start the runtime: {err}"), 1),
     };
     let code = runtime.block_on(run(cli));
     log.flush_now();
     code
 }
 
+/// Says why keyhole stops, and stops it with `code`.
+fn fail(why: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("keyhole: {why}");
+    ExitCode::from(code)
+}
+
 /// Writes each event as one line, `2026-11-25T16:03:28.245123Z  INFO
 /// message key=value ...`, to the batched stderr. keyhole has no spans, so a
 /// subscriber is this small; tracing-subscriber's formatter and registry
 /// (per-character escaping, a generic visitor, span bookkeeping) cost more
-/// than the rest of a small proxied request. keyhole's messages carry only
-/// validated request bytes and fixed texts; other values are written with
-/// `Debug`, which escapes.
+/// than the rest of a small proxied request. Every value is escaped
+/// (`write_field`): messages carry request paths, and `%` fields carry
+/// upstream-derived text such as the names in a TLS certificate.
 struct LogLines {
     max_level: tracing::Level,
-    out: BatchedStderr,
+    log: Log,
 }
 
 impl tracing::Subscriber for LogLines {
@@ -99,10 +136,8 @@ impl tracing::Subscriber for LogLines {
         *metadata.level() <= self.max_level
     }
 
-    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-        Some(tracing::level_filters::LevelFilter::from_level(
-            self.max_level,
-        ))
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::from_level(self.max_level))
     }
 
     fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
@@ -114,10 +149,10 @@ impl tracing::Subscriber for LogLines {
     fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
 
     fn event(&self, event: &tracing::Event<'_>) {
-        let Ok(mut out) = self.out.0.lock() else {
+        let Ok(mut sink) = self.log.0.lock() else {
             return;
         };
-        let out = &mut *out;
+        let Sink { out, scratch } = &mut *sink;
         let _ = out.write_all(&timestamp());
         let _ = out.write_all(match *event.metadata().level() {
             tracing::Level::ERROR => b" ERROR",
@@ -126,7 +161,7 @@ impl tracing::Subscriber for LogLines {
             tracing::Level::DEBUG => b" DEBUG",
             tracing::Level::TRACE => b" TRACE",
         });
-        event.record(&mut Fields(out));
+        event.record(&mut Fields { out, scratch });
         let _ = out.write_all(b"\n");
     }
 
@@ -144,7 +179,7 @@ fn timestamp() -> [u8; 27] {
     let secs = now.as_secs();
     let (year, month, day) = civil_from_days(secs / 86_400);
     let mut stamp = *b"0000-00-00T00:00:00.000000Z";
-    for (range, value) in [
+    for (range, mut value) in [
         (0..4, year),
         (5..7, month),
         (8..10, day),
@@ -153,7 +188,6 @@ fn timestamp() -> [u8; 27] {
         (17..19, secs % 60),
         (20..26, u64::from(now.subsec_micros())),
     ] {
-        let mut value = value;
         for digit in stamp[range].iter_mut().rev() {
             *digit = b'0' + (value % 10) as u8;
             value /= 10;
@@ -162,25 +196,61 @@ fn timestamp() -> [u8; 27] {
     stamp
 }
 
-/// Writes an event's fields: the message as is, the others as `name=value`.
-struct Fields<'a>(&'a mut BufWriter<std::io::Stderr>);
+/// Writes an event's fields; `scratch` holds a value formatted for escaping.
+struct Fields<'a> {
+    out: &'a mut BufWriter<Box<dyn Write + Send>>,
+    scratch: &'a mut String,
+}
 
 impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            let _ = self.0.write_all(b" ");
-            let _ = self.0.write_all(value.as_bytes());
-        } else {
-            self.record_debug(field, &value);
-        }
+        write_field(self.out, field.name(), value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let _ = if field.name() == "message" {
-            write!(self.0, " {value:?}")
-        } else {
-            write!(self.0, " {}={value:?}", field.name())
-        };
+        self.scratch.clear();
+        self.scratch.shrink_to(1024); // a rare long value does not keep its allocation
+        let _ = write!(self.scratch, "{value:?}");
+        write_field(self.out, field.name(), self.scratch);
+    }
+}
+
+/// Writes ` message`, or ` name=value` for any other field, escaped so that
+/// an event stays one line and a value cannot pass for more fields: control
+/// bytes and `\` as `\n`, `\r`, `\t`, `\\` or `\xHH`, and a field value that
+/// is empty or holds a space, `=` or `"` in double quotes, `"` as `\"`.
+fn write_field(out: &mut impl Write, name: &str, value: &str) {
+    let message = name == "message";
+    let bytes = value.as_bytes();
+    let quote = !message && (bytes.is_empty() || bytes.iter().any(|b| b" =\"".contains(b)));
+    let _ = out.write_all(b" ");
+    if !message {
+        let _ = out.write_all(name.as_bytes());
+        let _ = out.write_all(if quote { b"=\"" } else { b"=" });
+    }
+    let escaped = |b: u8| b < 0x20 || b == 0x7f || b == b'\\' || (quote && b == b'"');
+    let mut start = 0;
+    // Most values need no escape; this pass finds out, and unlike the loop
+    // below it vectorises (a sixth of the loop's time on a request line).
+    if bytes.iter().fold(false, |any, &b| any | escaped(b)) {
+        for (i, &b) in bytes.iter().enumerate().filter(|&(_, &b)| escaped(b)) {
+            let short = match b {
+                b'\n' => b'n',
+                b'\r' => b'r',
+                b'\t' => b't',
+                0..=0x1f | 0x7f => b'x',
+                _ => b, // `\\` and `"`
+            };
+            let hex = |n: u8| b"0123456789abcdef"[usize::from(n & 15)];
+            let escape = [b'\\', short, hex(b >> 4), hex(b)];
+            let _ = out.write_all(&bytes[start..i]);
+            let _ = out.write_all(&escape[..if short == b'x' { 4 } else { 2 }]);
+            start = i + 1;
+        }
+    }
+    let _ = out.write_all(&bytes[start..]);
+    if quote {
+        let _ = out.write_all(b"\"");
     }
 }
 
@@ -202,14 +272,28 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// was one of the seven system calls keyhole made per proxied request.
 const LOG_FLUSH: Duration = Duration::from_millis(100);
 
-/// stderr behind a buffer that a background thread flushes every `LOG_FLUSH`.
+/// stderr (or, in tests, another writer) behind a buffer that a background
+/// thread flushes every `LOG_FLUSH`.
 #[derive(Clone)]
-struct BatchedStderr(Arc<Mutex<BufWriter<std::io::Stderr>>>);
+struct Log(Arc<Mutex<Sink>>);
 
-impl BatchedStderr {
+/// What the log's lock guards: the buffered lines and `Fields`' scratch.
+struct Sink {
+    out: BufWriter<Box<dyn Write + Send>>,
+    scratch: String,
+}
+
+impl Log {
+    fn new(out: Box<dyn Write + Send>) -> Log {
+        Log(Arc::new(Mutex::new(Sink {
+            out: BufWriter::with_capacity(64 * 1024, out),
+            scratch: String::new(),
+        })))
+    }
+
     fn flush_now(&self) {
-        if let Ok(mut log) = self.0.lock() {
-            let _ = log.flush();
+        if let Ok(mut sink) = self.0.lock() {
+            let _ = sink.out.flush();
         }
     }
 
@@ -224,8 +308,10 @@ impl BatchedStderr {
 
 async fn run(cli: Cli) -> ExitCode {
     let mut builder = Proxy::builder().listen(cli.listen).limits(cli.limits);
-    for route in cli.routes {
-        builder = builder.route(route);
+    let mut shown = Vec::with_capacity(cli.routes.len());
+    for r in cli.routes {
+        builder = builder.route(r.route);
+        shown.push((r.prefix, r.url, r.names.join(",")));
     }
     if let Some(key) = cli.client_key {
         builder = builder.client_key(key);
@@ -236,61 +322,44 @@ async fn run(cli: Cli) -> ExitCode {
     for path in &cli.ca_files {
         match std::fs::read(path) {
             Ok(pem) => builder = builder.ca_pem(pem),
-            Err(err) => {
-                eprintln!("keyhole: cannot read CA file {path}: {err}");
-                return ExitCode::FAILURE;
-            }
+            Err(err) => return fail(format!("cannot read CA file {path}: {err}"), 1),
         }
     }
     let proxy = match builder.start().await {
         Ok(proxy) => proxy,
-        Err(err) => {
-            eprintln!("keyhole: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(err) => return fail(err, 1),
     };
-    let signals = match Signals::install() {
+    // Installed before the `listening on` line, so that a signal sent as soon
+    // as the line appears is never fatal.
+    let signals =
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    let (mut term, mut int) = match signals {
         Ok(signals) => signals,
-        Err(err) => {
-            eprintln!("keyhole: cannot install signal handlers: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(err) => return fail(format!("cannot install signal handlers: {err}"), 1),
     };
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "listening on http://{}", proxy.local_addr());
-    let _ = stdout.flush();
-    drop(stdout);
-    signals.wait().await;
+    for (prefix, url, names) in &shown {
+        if names.is_empty() {
+            tracing::warn!(prefix = %prefix, upstream = %url, "route injects no header");
+        } else {
+            tracing::info!(prefix = %prefix, upstream = %url, headers = %names, "route");
+        }
+    }
+    let listen = proxy.local_addr();
+    if listen.ip().is_unspecified() {
+        tracing::warn!(%listen, "listening on every network interface: anyone there can use the keys");
+    }
+    // stdout is line-buffered: the line is flushed at its newline.
+    let _ = writeln!(std::io::stdout(), "listening on http://{listen}");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
     tracing::info!("shutting down");
     proxy.shutdown().await;
     ExitCode::SUCCESS
 }
 
-/// SIGTERM and SIGINT handlers, installed before the `listening on` line so
-/// that a signal sent as soon as the line appears is never fatal.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Signals> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn wait(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
-        }
-    }
-}
-
-fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String> {
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, String> {
     let mut cli = Cli {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         routes: Vec::new(),
@@ -301,7 +370,6 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String>
         threads: None,
         log_level: tracing::Level::INFO,
     };
-    let mut args = args.peekable();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((flag, value)) if flag.starts_with("--") => {
@@ -309,9 +377,6 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String>
             }
             _ => (arg.clone(), None),
         };
-        if flag == "--help" || flag == "-h" {
-            return Ok(None);
-        }
         let mut value = || -> Result<String, String> {
             inline
                 .clone()
@@ -319,33 +384,18 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String>
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
         match flag.as_str() {
-            "--listen" => {
-                let v = value()?;
-                cli.listen = v
-                    .parse()
-                    .map_err(|_| format!("--listen {v}: not an IP:PORT address"))?;
+            "--help" | "-h" | "--version" => {
+                let version = format!("keyhole {}", env!("CARGO_PKG_VERSION"));
+                println!("{}", if flag == "--version" { &version } else { USAGE });
+                return Ok(None);
             }
-            "--route" => {
-                let v = value()?;
-                let (prefix, url) = v
-                    .split_once('=')
-                    .ok_or_else(|| format!("--route {v}: expected PREFIX=URL"))?;
-                cli.routes
-                    .push(Route::new(prefix, url).map_err(|e| e.to_string())?);
-            }
+            "--listen" => cli.listen = parsed(&flag, &value()?, "an IP:PORT address")?,
+            "--route" => cli.routes.push(CliRoute::new(&value()?)?),
             "--header" => {
-                let v = value()?;
-                let (name, template) = v.split_once('=').ok_or("--header: expected NAME=VALUE")?;
-                let secret =
-                    Secret::from_template(template).map_err(|e| format!("--header {name}: {e}"))?;
                 let route = cli.routes.pop().ok_or("--header must follow a --route")?;
-                cli.routes.push(route.header(name, secret));
+                cli.routes.push(route.header(&value()?)?);
             }
-            "--client-key" => {
-                let v = value()?;
-                cli.client_key =
-                    Some(Secret::from_template(&v).map_err(|e| format!("--client-key: {e}"))?);
-            }
+            "--client-key" => cli.client_key = Some(secret("--client-key", &value()?)?),
             "--allow-host" => cli.allow_hosts.push(value()?),
             "--ca-file" => cli.ca_files.push(value()?),
             "--upstream-timeout" => cli.limits.upstream_timeout = seconds(&flag, &value()?)?,
@@ -363,18 +413,15 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String>
             "--max-headers" => cli.limits.max_headers = number(&flag, &value()?)?,
             "--threads" => cli.threads = Some(number(&flag, &value()?)?),
             "--log-level" => {
-                let v = value()?;
-                cli.log_level = v.parse().map_err(|_| {
-                    format!("--log-level {v}: use error, warn, info, debug or trace")
-                })?;
+                cli.log_level = parsed(&flag, &value()?, "error, warn, info, debug or trace")?;
             }
             _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
         }
     }
     if cli.routes.is_empty() && std::env::var_os("ANTHROPIC_API_KEY").is_some() {
-        let secret = Secret::from_env("ANTHROPIC_API_KEY").map_err(|e| e.to_string())?;
-        let route = Route::new("/", "https://api.anthropic.com").map_err(|e| e.to_string())?;
-        cli.routes.push(route.header("x-api-key", secret));
+        let route = CliRoute::new("/=https://api.anthropic.com")?;
+        cli.routes
+            .push(route.header("x-api-key=${ANTHROPIC_API_KEY}")?);
     }
     if cli.routes.is_empty() {
         return Err(format!(
@@ -382,6 +429,24 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Cli>, String>
         ));
     }
     Ok(Some(cli))
+}
+
+/// Expands `template` for `what` (`--header NAME` or `--client-key`) and
+/// refuses an empty result. Only a template made of nothing but `${VAR}`s
+/// can expand to nothing, so naming it names variables, never a value.
+fn secret(what: &str, template: &str) -> Result<Secret, String> {
+    let secret = Secret::from_template(template).map_err(|e| format!("{what}: {e}"))?;
+    let mut rest = template;
+    while let Some((var, tail)) = rest.strip_prefix("${").and_then(|r| r.split_once('}')) {
+        if !zeroize::Zeroizing::new(std::env::var(var).unwrap_or_default()).is_empty() {
+            return Ok(secret);
+        }
+        rest = tail;
+    }
+    if rest.is_empty() {
+        return Err(format!("{what}: value {template:?} is empty"));
+    }
+    Ok(secret)
 }
 
 fn seconds(flag: &str, value: &str) -> Result<Duration, String> {
@@ -393,18 +458,107 @@ fn seconds(flag: &str, value: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{flag} {value}: expected a positive number of seconds"))
 }
 
+fn parsed<T: std::str::FromStr>(flag: &str, value: &str, expected: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag} {value}: expected {expected}"))
+}
+
 fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("{flag} {value}: expected a number"));
     }
-    value
-        .parse()
-        .map_err(|_| format!("{flag} {value}: number out of range"))
+    parsed(flag, value, "a number in range")
 }
 
 #[cfg(test)]
 mod tests {
-    use super::civil_from_days;
+    use super::{civil_from_days, write_field, Log, LogLines};
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    fn field(name: &str, value: &str) -> String {
+        let mut out = Vec::new();
+        write_field(&mut out, name, value);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn escaping_keeps_every_value_on_its_line() {
+        // A message is text: escaped, never quoted.
+        assert_eq!(
+            field("message", r#"GET /a"b=c route=/"#),
+            r#" GET /a"b=c route=/"#
+        );
+        assert_eq!(
+            field("message", "a\r\n\t\\\0\x1b[2K\x7f\u{e9}"),
+            " a\\r\\n\\t\\\\\\x00\\x1b[2K\\x7f\u{e9}"
+        );
+        assert_eq!(
+            field("upstream", "127.0.0.1:443"),
+            " upstream=127.0.0.1:443"
+        );
+        assert_eq!(field("error", "x\ny"), r" error=x\ny");
+        // Quoted when it could pass for more fields or for none.
+        assert_eq!(field("error", ""), r#" error="""#);
+        assert_eq!(field("error", "a b"), r#" error="a b""#);
+        assert_eq!(field("error", "k=v"), r#" error="k=v""#);
+        assert_eq!(
+            field("error", "say \"hi\" \\ \n"),
+            r#" error="say \"hi\" \\ \n""#
+        );
+        for byte in (0u8..0x20).chain([0x7f]) {
+            let value = format!("a{}b", char::from(byte));
+            let line = field("error", &value) + &field("message", &value);
+            assert!(line.bytes().all(|b| b >= 0x20 && b != 0x7f), "{line:?}");
+        }
+    }
+
+    /// A writer tests can read back.
+    #[derive(Clone, Default)]
+    struct Written(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Written {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_display_field_cannot_forge_a_log_line() {
+        let written = Written::default();
+        let log = Log::new(Box::new(written.clone()));
+        let subscriber = LogLines {
+            max_level: tracing::Level::INFO,
+            log: log.clone(),
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let err = "a\nINFO forged";
+            tracing::warn!(error = %err, "upstream failed");
+            tracing::warn!(error = ?err, "the same, as Debug");
+            tracing::info!(message = "GET /x\r\n2026-01-01T00:00:00.000000Z  INFO forged");
+            tracing::info!(path = "/a b", n = 3, ok = true, "{}", "x\\y");
+            tracing::debug!("below the level");
+        });
+        log.flush_now();
+        let text = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().map(|line| &line[27..]).collect();
+        assert_eq!(
+            lines,
+            [
+                r#"  WARN upstream failed error="a\nINFO forged""#,
+                r#"  WARN the same, as Debug error="\"a\\nINFO forged\"""#,
+                r"  INFO GET /x\r\n2026-01-01T00:00:00.000000Z  INFO forged",
+                r#"  INFO x\\y path="/a b" n=3 ok=true"#,
+            ],
+            "{text}"
+        );
+    }
 
     #[test]
     fn dates_for_log_timestamps() {

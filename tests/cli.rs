@@ -1,11 +1,13 @@
 //! The `keyhole` binary: its listening line, a request through a route, start-up
-//! refusals, signals, and the default route.
+//! lines and refusals, log lines that cannot be forged, signals, and the
+//! default route.
 
 mod support;
 
 use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -69,18 +71,24 @@ fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Running {
 impl Running {
     /// The first stdout line, which must be the listening line; returns the port.
     fn listening_port(&self) -> u16 {
+        let addr = self.listening_addr();
+        assert_eq!(addr.ip(), std::net::Ipv4Addr::LOCALHOST);
+        addr.port()
+    }
+
+    /// The first stdout line, which must be the listening line; returns the address.
+    fn listening_addr(&self) -> SocketAddr {
         let line = self
             .stdout
             .recv_timeout(WAIT)
             .expect("a listening line on stdout");
-        let port = line
-            .strip_prefix("listening on http://127.0.0.1:")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse::<u16>()
-            .unwrap_or_else(|_| panic!("unexpected first line {line:?}"));
-        assert_ne!(port, 0);
-        assert_eq!(line, format!("listening on http://127.0.0.1:{port}"));
-        port
+        let addr: SocketAddr = line
+            .strip_prefix("listening on http://")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        assert_ne!(addr.port(), 0);
+        assert_eq!(line, format!("listening on http://{addr}"));
+        addr
     }
 
     fn terminate(&self) {
@@ -116,6 +124,30 @@ impl Running {
 /// `sigterm_right_after_listening_line_exits_0`).
 fn settle() {
     thread::sleep(Duration::from_millis(300));
+}
+
+/// Starts keyhole, stops it once it listens, and returns its stderr.
+fn start_up_log(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let run = spawn(args, envs);
+    run.listening_addr();
+    settle();
+    run.terminate();
+    let (status, stderr, _) = run.wait();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.lines().all(is_log_line), "{stderr}");
+    stderr
+}
+
+/// Whether `line` is one whole log line: a timestamp, a level, then text.
+fn is_log_line(line: &str) -> bool {
+    let stamp = line.bytes().zip(*b"dddd-dd-ddTdd:dd:dd.ddddddZ");
+    stamp
+        .filter(|&(c, p)| c == p || (p == b'd' && c.is_ascii_digit()))
+        .count()
+        == 27
+        && [" ERROR ", "  WARN ", "  INFO ", " DEBUG ", " TRACE "]
+            .iter()
+            .any(|level| line[27..].starts_with(level))
 }
 
 /// Runs keyhole expecting it to refuse to start.
@@ -360,4 +392,291 @@ async fn sigterm_right_after_listening_line_exits_0() {
 #[tokio::test]
 async fn no_route_and_no_anthropic_key_exits_non_zero() {
     refused(&["--listen", "127.0.0.1:0"], &[]);
+}
+
+#[test]
+fn version_prints_name_and_version_and_exits_0() {
+    let run = spawn(&["--version"], &[]);
+    let (status, stderr, stdout) = run.wait();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stdout,
+        vec![format!("keyhole {}", env!("CARGO_PKG_VERSION"))]
+    );
+    assert_eq!(stderr, "");
+}
+
+#[test]
+fn start_up_logs_each_route_with_its_header_names_never_values() {
+    let stderr = start_up_log(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            "/api/=https://127.0.0.1:9/base",
+            "--header",
+            "X-Api-Key=${KH_CLI_KEY}",
+            "--header",
+            "authorization=Bearer ${KH_CLI_KEY}",
+            "--route",
+            "/other=https://localhost:9",
+            "--header",
+            "x-api-key=literal-value-kh-77",
+            "--client-key",
+            "${KH_CLI_CLIENT}",
+        ],
+        &[
+            ("KH_CLI_KEY", SECRET),
+            ("KH_CLI_CLIENT", "kh-client-value-3"),
+        ],
+    );
+    let routes: Vec<&str> = stderr.lines().filter(|l| l.contains(" route ")).collect();
+    assert_eq!(routes.len(), 2, "{stderr}");
+    assert!(
+        routes[0].ends_with(
+            "  INFO route prefix=/api upstream=https://127.0.0.1:9/base headers=x-api-key,authorization"
+        ),
+        "{}",
+        routes[0]
+    );
+    assert!(
+        routes[1]
+            .ends_with("  INFO route prefix=/other upstream=https://localhost:9 headers=x-api-key"),
+        "{}",
+        routes[1]
+    );
+    assert!(!stderr.contains(" WARN "), "{stderr}");
+    for value in [SECRET, "literal-value-kh-77", "kh-client-value-3"] {
+        assert!(!stderr.contains(value), "a value was logged: {stderr}");
+    }
+}
+
+#[test]
+fn route_injecting_nothing_warns() {
+    let stderr = start_up_log(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            "/open=https://127.0.0.1:9",
+            "--route",
+            "/keyed=https://127.0.0.1:9",
+            "--header",
+            "x-api-key=k",
+        ],
+        &[],
+    );
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("route injects no header")
+            && warnings[0].ends_with(" prefix=/open upstream=https://127.0.0.1:9"),
+        "{}",
+        warnings[0]
+    );
+    assert!(stderr.contains("  INFO route prefix=/keyed "), "{stderr}");
+}
+
+#[test]
+fn listening_on_an_unspecified_address_warns() {
+    let args = [
+        "--listen",
+        "0.0.0.0:0",
+        "--route",
+        "/=https://127.0.0.1:9",
+        "--header",
+        "x-api-key=k",
+    ];
+    let stderr = start_up_log(&args, &[]);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains(" listen=0.0.0.0:") && warnings[0].contains("network"),
+        "{}",
+        warnings[0]
+    );
+}
+
+#[test]
+fn empty_header_value_exits_non_zero_naming_the_header_and_variable() {
+    let (_, stderr, _) = refused(
+        &[
+            "--route",
+            "/=https://127.0.0.1:9",
+            "--header",
+            "x-api-key=${KH_CLI_EMPTY}",
+        ],
+        &[("KH_CLI_EMPTY", "")],
+    );
+    assert!(
+        stderr.contains("x-api-key") && stderr.contains("KH_CLI_EMPTY") && stderr.contains("empty"),
+        "{stderr}"
+    );
+    let (_, stderr, _) = refused(
+        &[
+            "--route",
+            "/=https://127.0.0.1:9",
+            "--header",
+            "x-api-key=${KH_CLI_EMPTY}${KH_CLI_EMPTY2}",
+        ],
+        &[("KH_CLI_EMPTY", ""), ("KH_CLI_EMPTY2", "")],
+    );
+    assert!(stderr.contains("KH_CLI_EMPTY2"), "{stderr}");
+    let (_, stderr, _) = refused(
+        &["--route", "/=https://127.0.0.1:9", "--header", "x-api-key="],
+        &[],
+    );
+    assert!(
+        stderr.contains("x-api-key") && stderr.contains("empty"),
+        "{stderr}"
+    );
+    let (_, stderr, _) = refused(&["--listen", "127.0.0.1:0"], &[("ANTHROPIC_API_KEY", "")]);
+    assert!(
+        stderr.contains("ANTHROPIC_API_KEY") && stderr.contains("empty"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn empty_client_key_exits_non_zero_naming_the_option_and_variable() {
+    let route = [
+        "--route",
+        "/=https://127.0.0.1:9",
+        "--header",
+        "x-api-key=k",
+    ];
+    let (_, stderr, _) = refused(
+        &[&route[..], &["--client-key", "${KH_CLI_EMPTY}"]].concat(),
+        &[("KH_CLI_EMPTY", "")],
+    );
+    assert!(
+        stderr.contains("--client-key")
+            && stderr.contains("KH_CLI_EMPTY")
+            && stderr.contains("empty"),
+        "{stderr}"
+    );
+    let (_, stderr, _) = refused(&[&route[..], &["--client-key="]].concat(), &[]);
+    assert!(
+        stderr.contains("--client-key") && stderr.contains("empty"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn same_header_twice_in_a_route_exits_non_zero_naming_it() {
+    let (_, stderr, stdout) = refused(
+        &[
+            "--route",
+            "/=https://127.0.0.1:9",
+            "--header",
+            "x-api-key=kh-first-value-1",
+            "--header",
+            "X-API-Key=kh-second-value-2",
+        ],
+        &[],
+    );
+    assert!(
+        stderr.to_ascii_lowercase().contains("x-api-key") && stderr.contains("twice"),
+        "{stderr}"
+    );
+    let all = format!("{stderr}{}", stdout.join("\n"));
+    assert!(
+        !all.contains("kh-first-value-1") && !all.contains("kh-second-value-2"),
+        "{all}"
+    );
+    // The same name on two routes is fine.
+    start_up_log(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            "/a=https://127.0.0.1:9",
+            "--header",
+            "x-api-key=k",
+            "--route",
+            "/b=https://127.0.0.1:9",
+            "--header",
+            "x-api-key=k",
+        ],
+        &[],
+    );
+}
+
+/// A CA and an upstream certificate whose only name is `name`.
+fn pki_named(name: &str) -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key.into())
+        .unwrap();
+    Pki {
+        ca_pem: ca.pem(),
+        server: Arc::new(server),
+    }
+}
+
+#[tokio::test]
+async fn log_lines_cannot_be_forged_by_an_upstream_certificate_name() {
+    // The TLS error names the certificate's names, as the upstream sent them.
+    let forged = "kh.invalid\n1999-01-01T00:00:00.000000Z  INFO forged\r\x1b[2K\\";
+    let upstream = Upstream::start_with(pki_named(forged), |_| async {}).await;
+    let ca_file = temp_path("forge-ca.pem");
+    std::fs::write(&ca_file, &upstream.ca_pem).unwrap();
+    let route = format!("/={}", upstream.url(""));
+    let run = spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            &route,
+            "--header",
+            "x-api-key=k",
+            "--ca-file",
+            ca_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], run.listening_port()));
+    let res = tokio::time::timeout(WAIT, request(addr, &get("/v1/a\"b=c")))
+        .await
+        .expect("in time")
+        .expect("a response");
+    assert_eq!(res.status, 502);
+    settle();
+    run.terminate();
+    let (status, stderr, _) = run.wait();
+    let _ = std::fs::remove_file(&ca_file);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.lines().all(is_log_line), "{stderr}");
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "{stderr:?}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("forged")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("  WARN upstream TLS handshake failed upstream=127.0.0.1:")
+            && lines[0].contains(r#"error="invalid peer certificate: "#)
+            && lines[0].contains(
+                r#"DnsName(\"kh.invalid\n1999-01-01T00:00:00.000000Z  INFO forged\r\x1b[2K\\\")"#
+            ),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        stderr.contains(r#"  INFO GET /v1/a"b=c route=/ status=502 "#),
+        "{stderr}"
+    );
 }
