@@ -109,7 +109,11 @@ impl Running {
             assert!(Instant::now() < deadline, "keyhole did not exit in time");
             thread::sleep(Duration::from_millis(20));
         };
-        let stdout: Vec<String> = self.stdout.try_iter().collect();
+        // The reader thread may not have passed on the last lines yet; it
+        // ends (and the channel closes) once the pipe does.
+        let timeout = Duration::from_secs(2);
+        let stdout: Vec<String> =
+            std::iter::from_fn(|| self.stdout.recv_timeout(timeout).ok()).collect();
         let stderr = self
             .stderr
             .take()
