@@ -1,6 +1,9 @@
 //! The keyhole command: argument parsing, logging set-up, signals, the
 //! start-up lines and the `listening on` line; everything else is the library.
 
+// The binary writes its own contract lines (`listening on`, usage, errors).
+#![allow(clippy::disallowed_macros)]
+
 use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
