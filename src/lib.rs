@@ -56,13 +56,19 @@
 //!
 //! # Life of a request
 //!
-//! `server` accepts and hands each connection to `conn::serve`, which reads a
-//! head (`relay::read_head`, scanned by `head::HeadScan`), validates it
-//! (`head::parse_request`), applies policy and rewrites it
-//! (`route::RouteTable::forward`, producing an unforgeable `Forward`), sends it
-//! on a pooled or new TLS connection (`upstream`), pumps the body
-//! (`relay::pump` with `body::Reframer`), reads and validates the response
-//! head (`head::parse_response`) and relays the response body the same way.
+//! `server` accepts and hands each connection to `conn::serve`, whose
+//! `Handler` holds the connection's state and runs one step per method: it
+//! reads a head (`relay::read_head`, scanned as bytes arrive by
+//! `head::HeadScan`, which refuses a head as soon as it cannot become valid),
+//! validates it (`head::parse_request`), applies policy and rewrites it
+//! (`route::RouteTable::forward`, producing an unforgeable `Forward`), sends
+//! it with the first body bytes in one write on a pooled or new connection
+//! (`upstream::Upstream::send`, which takes nothing but a `Forward`), pumps
+//! the body (`relay::pump` with `body::Reframer`), reads and validates the
+//! response head (`head::parse_response`) and relays the response body the
+//! same way. `upstream::reap` closes idle pooled connections the upstream
+//! closed or that outlived the pool's idle time. The strict rules, each
+//! with its RFC section, are in `docs/strict-profile.md`.
 #![forbid(unsafe_code)]
 
 mod body;
