@@ -16,7 +16,7 @@ use tokio::time::{timeout, timeout_at, Instant, Sleep};
 use crate::body::{BodyError, BodyReader};
 use crate::config::{Limits, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
-use crate::head::{self, Framing, MAX_INTERIM_RESPONSES};
+use crate::head::{self, Framing, Side, MAX_INTERIM_RESPONSES};
 use crate::relay::{self, HeadError, InBuf, PumpError};
 use crate::route::{Forward, RouteTable};
 use crate::upstream::{Connection, Upstream};
@@ -242,7 +242,13 @@ async fn handle_request<S: ClientIo>(
     let max_headers = limits.max_headers.min(HEADER_ARRAY_LEN);
     let head_len = match timeout_at(
         deadline,
-        relay::read_head(stream, input, limits.max_head_bytes, max_headers),
+        relay::read_head(
+            stream,
+            input,
+            Side::Request,
+            limits.max_head_bytes,
+            max_headers,
+        ),
     )
     .await
     {
@@ -538,6 +544,7 @@ where
         let head_len = relay::read_head(
             reader,
             input,
+            Side::Response,
             crate::config::DEFAULT_MAX_HEAD_BYTES,
             HEADER_ARRAY_LEN - 1,
         )
