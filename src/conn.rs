@@ -16,7 +16,7 @@ use tokio::time::{timeout, timeout_at, Instant, Sleep};
 use crate::body::{BodyError, Reframer};
 use crate::config::{Limits, DEFAULT_MAX_HEAD_BYTES, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
-use crate::head::{self, Framing, MAX_INTERIM_RESPONSES};
+use crate::head::{self, Framing, Side, MAX_INTERIM_RESPONSES};
 use crate::record::Record;
 use crate::relay::{self, HeadError, InBuf, PooledBuf, PumpError};
 use crate::route::{Forward, RouteTable};
@@ -190,6 +190,7 @@ impl<S: ClientIo> Handler<'_, S> {
         let read = relay::read_head(
             &mut self.stream,
             &mut self.input,
+            Side::Request,
             limits.max_head_bytes,
             limits.max_headers,
         );
@@ -484,7 +485,13 @@ where
 {
     let mut input = InBuf::default();
     for _ in 0..=MAX_INTERIM_RESPONSES {
-        let read = relay::read_head(reader, &mut input, DEFAULT_MAX_HEAD_BYTES, HEADER_ARRAY_LEN);
+        let read = relay::read_head(
+            reader,
+            &mut input,
+            Side::Response,
+            DEFAULT_MAX_HEAD_BYTES,
+            HEADER_ARRAY_LEN,
+        );
         let head_len = read.await.map_err(|err| match err {
             HeadError::Invalid(_) => Refusal::BadGateway("malformed upstream response head"),
             HeadError::Closed | HeadError::Io => {

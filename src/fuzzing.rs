@@ -3,7 +3,7 @@
 
 use crate::body::Reframer;
 use crate::error::Refusal;
-use crate::head::{self, Framing, HeadScan, Scan};
+use crate::head::{self, Framing, HeadScan, Scan, Side};
 
 /// The framing a head was given, in a form the harness can compare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +33,7 @@ impl From<Framing> for BodyFraming {
 /// `Ok(Some(n))`: the head is the first `n` bytes; `Ok(None)`: incomplete;
 /// `Err(status)`: refused with that status.
 pub fn scan_head(bytes: &[u8]) -> Result<Option<usize>, u16> {
-    match HeadScan::default().scan(
+    match HeadScan::new(Side::Request).scan(
         bytes,
         crate::config::DEFAULT_MAX_HEAD_BYTES,
         crate::config::DEFAULT_MAX_HEADERS,

@@ -13,7 +13,7 @@ use tokio::time::{timeout, Instant, Sleep};
 
 use crate::body::{BodyError, Reframer};
 use crate::error::Refusal;
-use crate::head::{HeadScan, Scan};
+use crate::head::{HeadScan, Scan, Side};
 
 /// Bytes read per call while relaying a body: large enough that a 64 MiB
 /// transfer costs about a thousand reads, small enough that a busy
@@ -166,10 +166,11 @@ pub(crate) enum HeadError {
 pub(crate) async fn read_head<R: AsyncRead + Unpin>(
     src: &mut R,
     input: &mut InBuf,
+    side: Side,
     max_bytes: usize,
     max_lines: usize,
 ) -> Result<usize, HeadError> {
-    let mut scan = HeadScan::default();
+    let mut scan = HeadScan::new(side);
     loop {
         if !input.is_empty() {
             match scan
@@ -441,7 +442,7 @@ mod tests {
         let mut src = Chunks(vec![b"GET / HT".to_vec()]);
         let mut input = InBuf::default();
         assert!(matches!(
-            read_head(&mut src, &mut input, 1024, 10).await,
+            read_head(&mut src, &mut input, Side::Request, 1024, 10).await,
             Err(HeadError::Closed)
         ));
     }

@@ -1071,6 +1071,113 @@ async fn s15_idle_timer_restarts_with_each_request() {
 }
 
 // ---------------------------------------------------------------------------
+// The head-size boundary, and heads refused before they end.
+// ---------------------------------------------------------------------------
+
+/// The head limit of the boundary cases: small, so a head of exactly that
+/// many bytes is easy to build.
+const SMALL_HEAD: usize = 300;
+
+fn with_small_head(b: Builder) -> Builder {
+    b.limits(Limits {
+        max_head_bytes: SMALL_HEAD,
+        ..limits()
+    })
+}
+
+/// A GET of `/v1/x` whose head (`leading` CRLF included) is exactly `len`
+/// bytes, padded in one header value.
+fn head_of(len: usize, leading: bool) -> Vec<u8> {
+    let start = if leading { "\r\n" } else { "" };
+    let bare = format!("{start}GET /v1/x HTTP/1.1\r\nHost: localhost\r\nX-Pad: \r\n\r\n");
+    let pad = "p".repeat(len - bare.len());
+    let head = format!("{start}GET /v1/x HTTP/1.1\r\nHost: localhost\r\nX-Pad: {pad}\r\n\r\n");
+    assert_eq!(head.len(), len);
+    head.into_bytes()
+}
+
+#[tokio::test]
+async fn head_of_exactly_max_head_bytes_accepted_one_more_431() {
+    for leading in [false, true] {
+        let up = upstream().await;
+        let proxy = keyhole_v1(&up.up, with_small_head).await;
+        let mut c = Raw::connect(proxy.local_addr()).await;
+        c.send(&head_of(SMALL_HEAD, leading)).await;
+        let r = c.final_response(false).await.expect("no response");
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "ok:/v1/x"),
+            "head of exactly {SMALL_HEAD} bytes, leading CRLF {leading}: {}",
+            r.head
+        );
+        refusal(
+            with_small_head,
+            "",
+            vec![head_of(SMALL_HEAD + 1, leading)],
+            &[431],
+            Stage::Head,
+        )
+        .await;
+    }
+}
+
+fn with_long_head_timeout(b: Builder) -> Builder {
+    b.limits(Limits {
+        head_timeout: Duration::from_secs(30),
+        ..limits()
+    })
+}
+
+/// Sends `bytes`, the start of a head that never ends, to keyhole with a
+/// 30 s head timeout: `status` must arrive within 2 s, keyhole must close,
+/// and the upstream must receive nothing.
+async fn refused_before_the_head_ends(bytes: &[u8], status: u16) {
+    let up = upstream().await;
+    let proxy = keyhole_v1(&up.up, with_long_head_timeout).await;
+    let mut c = Raw::connect(proxy.local_addr()).await;
+    let started = Instant::now();
+    c.send(bytes).await;
+    let r = tokio::time::timeout(Duration::from_secs(2), c.response(false))
+        .await
+        .unwrap_or_else(|_| panic!("no answer within 2 s to {bytes:?}"))
+        .expect("closed without a response");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(r.status, status, "{bytes:?}: {}", r.head);
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+    assert!(c.closes_within(Duration::from_secs(3)).await);
+    assert!(c.buf.is_empty(), "bytes after the refusal");
+    check_upstream_after(&up, Stage::Head).await;
+    fresh_ok(proxy.local_addr(), "").await;
+}
+
+#[tokio::test]
+async fn early_refusal_bad_field_name_400() {
+    refused_before_the_head_ends(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nBad Header: x\r\n",
+        400,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn early_refusal_bad_request_line_400() {
+    refused_before_the_head_ends(b"G\x01T / HTTP/1.1\r\n", 400).await;
+}
+
+#[tokio::test]
+async fn early_refusal_http10_request_line_505() {
+    refused_before_the_head_ends(b"GET / HTTP/1.0\r\n", 505).await;
+}
+
+#[tokio::test]
+async fn early_refusal_obs_fold_and_control_byte_400() {
+    refused_before_the_head_ends(b"GET /v1/x HTTP/1.1\r\nHost: localhost\r\n folded\r\n", 400)
+        .await;
+    refused_before_the_head_ends(b"GET /v1/x HTTP/1.1\r\nHost: localhost\r\nX: a\x01", 400).await;
+    refused_before_the_head_ends(b"GET /v1/x HTTP/1.1\r\nX : a", 400).await;
+}
+
+// ---------------------------------------------------------------------------
 // S16 pipelining and smuggling.
 // ---------------------------------------------------------------------------
 
