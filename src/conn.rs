@@ -82,6 +82,9 @@ struct Handler<'a, S> {
     input: InBuf,
     shared: &'a Shared,
     record: Record,
+    /// The server's phase: a drain turns the next response's keep-alive
+    /// into a close.
+    phase: watch::Receiver<Phase>,
     /// Moved forward for each wait, for the next request and then for the
     /// upstream's response head (see `relay::timeout_in_steps`).
     timer: Pin<&'a mut Sleep>,
@@ -104,6 +107,7 @@ pub(crate) async fn serve<S: ClientIo>(
         input: InBuf::default(),
         shared: &shared,
         record: Record::new(),
+        phase: phase.clone(),
         timer,
     };
     loop {
@@ -116,9 +120,8 @@ pub(crate) async fn serve<S: ClientIo>(
                 () = &mut shutdown => return,
             }
         }
-        let draining = *phase.borrow() != Phase::Running;
         // Boxed so an idle connection's task does not hold room for it.
-        let mut request = Box::pin(handler.handle_request(draining));
+        let mut request = Box::pin(handler.handle_request());
         let next = loop {
             tokio::select! {
                 biased;
@@ -180,7 +183,7 @@ impl<S: ClientIo> Handler<'_, S> {
     }
 
     /// One request: its head, validated and rewritten, then the exchange.
-    async fn handle_request(&mut self, draining: bool) -> Next {
+    async fn handle_request(&mut self) -> Next {
         let shared = self.shared;
         let limits = &shared.limits;
         let now = Instant::now();
@@ -217,7 +220,7 @@ impl<S: ClientIo> Handler<'_, S> {
             Err(refusal) => return self.refuse(refusal).await,
         };
         self.record.route = forward.route();
-        match self.exchange(&forward, draining).await {
+        match self.exchange(&forward).await {
             Ok(next) => {
                 self.record.log(&shared.table, None);
                 next
@@ -261,19 +264,22 @@ impl<S: ClientIo> Handler<'_, S> {
 
     /// Forwards one validated request and relays its response. `Err` means
     /// nothing was sent to the client yet and the refusal should be.
-    async fn exchange(&mut self, forward: &Forward, draining: bool) -> Result<Next, Refusal> {
+    async fn exchange(&mut self, forward: &Forward) -> Result<Next, Refusal> {
         let upstream = (self.shared.upstreams.get(forward.route()))
             .ok_or(Refusal::BadGateway("no upstream"))?;
         let mut body = Reframer::new(forward.framing());
         let (mut conn, mut out) = self.send_request(upstream, forward, &mut body).await?;
-        let Some(response) = self
-            .await_response(&mut conn, forward, &mut body, &mut out)
-            .await?
-        else {
+        let response = self.await_response(&mut conn, forward, &mut body, &mut out);
+        let Some(response) = response.await? else {
             return Ok(Next::Close);
         };
+        // Neither buffer is needed while the response relays: a thousand
+        // exchanges in flight then hold a thousand buffers fewer.
+        drop(out);
+        self.input.release();
         self.record.bytes_in = body.payload();
-        let close = draining || forward.close();
+        // A drain that began during the exchange still gets its close.
+        let close = *self.phase.borrow() != Phase::Running || forward.close();
         self.relay_response(upstream, conn, response, close).await
     }
 
@@ -330,6 +336,7 @@ impl<S: ClientIo> Handler<'_, S> {
         let limits = &self.shared.limits;
         let (wait, idle) = (limits.upstream_timeout, limits.idle_timeout);
         if body.is_done() {
+            self.input.release();
             // The usual case: the whole request left with the head. The
             // wait runs from when it was sent: on a pooled connection,
             // microseconds after the request's start (no clock read
@@ -525,3 +532,7 @@ where
 fn body_refusal(err: BodyError) -> Refusal {
     Refusal::BadRequest(err.reason())
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;
