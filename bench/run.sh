@@ -53,7 +53,7 @@ if [[ $(nproc) -lt 2 ]]; then
 fi
 
 # ---------------------------------------------------------------- build
-KEYHOLE="$REPO/target/release/keyhole"
+KEYHOLE="${CARGO_TARGET_DIR:-$REPO/target}/release/keyhole"
 SYSTEMS="direct keyhole nginx haproxy"
 if [[ $WITH_KEYHOLE == 1 ]]; then
   log "cargo build --release"

@@ -15,10 +15,12 @@ use crate::body::{BodyError, Reframer};
 use crate::error::Refusal;
 use crate::head::{HeadScan, Scan, Side};
 
-/// Bytes read per call while relaying a body: large enough that a 64 MiB
-/// transfer costs about a thousand reads, small enough that a busy
-/// connection holds well under 1 MiB.
-pub(crate) const BUF_SIZE: usize = 64 * 1024;
+/// Bytes read per call while relaying a body: one TLS record's plaintext
+/// (RFC 8446 §5.1), so a read takes what one decryption gives. Memory under
+/// load is these buffers, about one per exchange in flight: at 64 KiB, a
+/// thousand exchanges took four times the memory for no gain in throughput
+/// or CPU per byte (BENCHMARKS.md, "Memory under load").
+pub(crate) const BUF_SIZE: usize = 16 * 1024;
 /// Below this much free space a read would be too small to be worth it.
 const MIN_READ: usize = 4 * 1024;
 
@@ -121,10 +123,10 @@ impl Drop for PooledBuf {
     }
 }
 
-/// Read buffers kept per thread for reuse. Allocating and freeing 64 KiB per
+/// Read buffers kept per thread for reuse. Allocating and freeing a buffer per
 /// request makes the allocator grow and trim the heap each time: two
 /// syscalls and a run of fresh zeroed pages per request.
-const SPARE_BUFFERS: usize = 32;
+const SPARE_BUFFERS: usize = 64;
 
 thread_local! {
     static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
