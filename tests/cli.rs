@@ -632,7 +632,7 @@ fn pki_named(name: &str) -> Pki {
 }
 
 #[tokio::test]
-async fn log_lines_cannot_be_forged_by_an_upstream_certificate_name() {
+async fn defect7_log_lines_cannot_be_forged_by_an_upstream_certificate_name() {
     // The TLS error names the certificate's names, as the upstream sent them.
     let forged = "kh.invalid\n1999-01-01T00:00:00.000000Z  INFO forged\r\x1b[2K\\";
     let upstream = Upstream::start_with(pki_named(forged), |_| async {}).await;

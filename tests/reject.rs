@@ -1097,7 +1097,7 @@ fn head_of(len: usize, leading: bool) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn head_of_exactly_max_head_bytes_accepted_one_more_431() {
+async fn defect3_head_of_exactly_max_head_bytes_accepted_one_more_431() {
     for leading in [false, true] {
         let up = upstream().await;
         let proxy = keyhole_v1(&up.up, with_small_head).await;
