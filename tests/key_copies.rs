@@ -1,0 +1,224 @@
+//! Defect 4 of the second audit, measured from outside: copies of the
+//! injected key in the keyhole process's writable memory do not grow with
+//! traffic. keyhole's own buffers holding the key never reallocate and are
+//! zeroed when dropped; what rustls keeps is described in SECURITY.md.
+//! Reading another process's memory needs root (or ptrace rights): without
+//! them the test says so and passes.
+#![allow(clippy::disallowed_macros)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::process::{Child, Command, Stdio};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Occurrences of `needle` in the writable mappings of process `pid`;
+/// `None` if its memory cannot be read.
+fn count_in_memory(pid: u32, needle: &[u8]) -> Option<usize> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut count = 0;
+    let mut readable = false;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let start = u64::from_str_radix(start, 16).ok()?;
+        let end = u64::from_str_radix(end, 16).ok()?;
+        let mut region = vec![0; usize::try_from(end - start).ok()?];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut region).is_err() {
+            continue;
+        }
+        readable = true;
+        count += region
+            .windows(needle.len())
+            .filter(|w| w == &needle)
+            .count();
+    }
+    readable.then_some(count)
+}
+
+/// A plain-HTTP loopback upstream: reads each request (Content-Length or
+/// chunked body) and answers 200.
+async fn plain_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = read_request(&mut conn, &mut buf).await else {
+                        return;
+                    };
+                    buf.drain(..end);
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if conn.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Reads until `buf` holds a whole request; returns its length.
+async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(head_end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            if head.contains("transfer-encoding: chunked") {
+                if let Some(end) = find(&buf[head_end..], b"\r\n0\r\n\r\n") {
+                    return Some(head_end + end + 7);
+                }
+            } else {
+                let length = (head.lines())
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+                if buf.len() >= head_end + 4 + length {
+                    return Some(head_end + 4 + length);
+                }
+            }
+        }
+        let mut chunk = [0u8; 16384];
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+struct Keyhole(Child);
+
+impl Drop for Keyhole {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary with a route to `url` injecting `key`; returns it and
+/// its address.
+fn start(url: &str, key: &str, ca_file: Option<&std::path::Path>) -> (Keyhole, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyhole"));
+    cmd.args(["--listen", "127.0.0.1:0", "--log-level", "warn", "--route"])
+        .arg(format!("/={url}"))
+        .args(["--header", "x-api-key=${KEYHOLE_TEST_KEY}"])
+        .env("KEYHOLE_TEST_KEY", key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(ca) = ca_file {
+        cmd.arg("--ca-file").arg(ca);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().strip_prefix("listening on http://").unwrap();
+    (Keyhole(child), addr.to_owned())
+}
+
+/// A few hundred POSTs of sizes from 0 to 300 KiB, Content-Length and
+/// chunked, on keep-alive connections and on a new connection each.
+async fn load(addr: &str) {
+    let mut keep_alive = Client::connect(addr.parse().unwrap()).await;
+    for i in 0..240usize {
+        let size = (i * 7919) % (300 * 1024);
+        let body = pattern(size);
+        let request = if i % 3 == 0 {
+            let mut r = format!(
+                "POST /v1/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n{size:x}\r\n"
+            )
+            .into_bytes();
+            r.extend_from_slice(&body);
+            r.extend_from_slice(b"\r\n0\r\n\r\n");
+            if size == 0 {
+                r = b"POST /v1/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec();
+            }
+            r
+        } else {
+            let mut r = format!(
+                "POST /v1/x HTTP/1.1\r\nHost: localhost\r\nx-api-key: sandbox\r\nContent-Length: {size}\r\n\r\n"
+            )
+            .into_bytes();
+            r.extend_from_slice(&body);
+            r
+        };
+        if i % 2 == 0 {
+            keep_alive.send(&request).await;
+            let res = keep_alive.response(false).await.expect("a response");
+            assert_eq!(res.status, 200);
+        } else {
+            let res = request_once(addr, &request).await;
+            assert_eq!(res, 200);
+        }
+    }
+}
+
+async fn request_once(addr: &str, bytes: &[u8]) -> u16 {
+    let res = request(addr.parse().unwrap(), bytes)
+        .await
+        .expect("a response");
+    res.status
+}
+
+/// Counts before and after the load; `None` when memory is unreadable.
+async fn measure(url: &str, ca_file: Option<&std::path::Path>) -> Option<(usize, usize)> {
+    let key = format!(
+        "kh-copies-{:016x}-marker",
+        std::process::id() as u64 * 2_654_435_761
+    );
+    let (keyhole, addr) = start(url, &key, ca_file);
+    let pid = keyhole.0.id();
+    let before = count_in_memory(pid, key.as_bytes())?;
+    load_one(&addr).await;
+    load(&addr).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let after = count_in_memory(pid, key.as_bytes())?;
+    Some((before, after))
+}
+
+async fn load_one(addr: &str) {
+    let status = request_once(
+        addr,
+        b"POST /v1/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\nhi",
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defect4_key_copies_do_not_grow_with_traffic() {
+    let plain = format!("http://127.0.0.1:{}", plain_upstream().await);
+    let tls = Upstream::start(|_| ok("ok")).await;
+    let ca_file = std::env::temp_dir().join(format!("keyhole-copies-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, &tls.ca_pem).unwrap();
+    let modes = [
+        ("plain HTTP", plain.clone(), None),
+        ("TLS", tls.url(""), Some(ca_file.as_path())),
+    ];
+    for (mode, url, ca) in modes {
+        let Some((before, after)) = measure(&url, ca).await else {
+            println!("skipped: cannot read another process's memory (needs root)");
+            return;
+        };
+        println!("{mode}: {before} copies of the key before the load, {after} after");
+        assert!(
+            after <= before,
+            "{mode}: {before} copies of the key before the load, {after} after"
+        );
+    }
+    let _ = std::fs::remove_file(&ca_file);
+}
