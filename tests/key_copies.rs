@@ -91,10 +91,10 @@ async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> 
                 }
             }
         }
-        let mut chunk = [0u8; 16384];
-        match conn.read(&mut chunk).await {
+        buf.reserve(16384);
+        match conn.read_buf(buf).await {
             Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
         }
     }
 }
@@ -178,7 +178,7 @@ async fn request_once(addr: &str, bytes: &[u8]) -> u16 {
 async fn measure(url: &str, ca_file: Option<&std::path::Path>) -> Option<(usize, usize)> {
     let key = format!(
         "kh-copies-{:016x}-marker",
-        std::process::id() as u64 * 2_654_435_761
+        u64::from(std::process::id()) * 2_654_435_761
     );
     let (keyhole, addr) = start(url, &key, ca_file);
     let pid = keyhole.0.id();
