@@ -334,7 +334,6 @@ impl<S: ClientIo> Handler<'_, S> {
         out: &mut PooledBuf,
     ) -> Result<Option<Response>, Refusal> {
         let limits = &self.shared.limits;
-        let (wait, idle) = (limits.upstream_timeout, limits.idle_timeout);
         if body.is_done() {
             self.input.release();
             // The usual case: the whole request left with the head. The
@@ -347,20 +346,18 @@ impl<S: ClientIo> Handler<'_, S> {
                 Instant::now()
             };
             let head = read_final_head(&mut conn.stream, forward.is_head());
-            let response = relay::timeout_in_steps(self.timer.as_mut(), sent_at, wait, idle, head);
-            return Ok(Some(response.await.ok_or(UPSTREAM_TIMEOUT)??));
+            return self.await_head(sent_at, head).await.map(Some);
         }
         let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
         let mut head = pin!(read_final_head(&mut reader, forward.is_head()));
-        let max_body = limits.max_body_bytes;
         let pump = relay::pump(
             &mut self.stream,
             &mut self.input,
             &mut writer,
             body,
             out,
-            idle,
-            max_body,
+            limits.idle_timeout,
+            limits.max_body_bytes,
         );
         let sent = tokio::select! {
             sent = pump => sent,
@@ -389,11 +386,21 @@ impl<S: ClientIo> Handler<'_, S> {
             Err(PumpError::Framing(err)) => return Err(body_refusal(err)),
             Err(PumpError::TooLarge) => return Err(Refusal::PayloadTooLarge),
         };
-        let response =
-            relay::timeout_in_steps(self.timer.as_mut(), Instant::now(), wait, idle, head);
-        let mut response = response.await.ok_or(UPSTREAM_TIMEOUT)??;
+        let mut response = self.await_head(Instant::now(), head).await?;
         response.request_complete = request_complete;
         Ok(Some(response))
+    }
+
+    /// Awaits the response head under the upstream timeout from `sent_at`.
+    async fn await_head(
+        &mut self,
+        sent_at: Instant,
+        head: impl Future<Output = Result<Response, Refusal>>,
+    ) -> Result<Response, Refusal> {
+        let limits = &self.shared.limits;
+        let (wait, step) = (limits.upstream_timeout, limits.idle_timeout);
+        let response = relay::timeout_in_steps(self.timer.as_mut(), sent_at, wait, step, head);
+        response.await.ok_or(UPSTREAM_TIMEOUT)?
     }
 
     /// Relays the response head and body. From here on the client has (or

@@ -260,8 +260,13 @@ pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
     bytes: &[u8],
     idle: Duration,
 ) -> Result<(), PumpError> {
-    match within(idle, dst.write_all(bytes)).await {
-        Some(Ok(())) => Ok(()),
+    sink(within(idle, dst.write_all(bytes)).await)
+}
+
+/// A write's outcome under the idle timeout, as a pump error.
+fn sink<T>(outcome: Option<io::Result<T>>) -> Result<T, PumpError> {
+    match outcome {
+        Some(Ok(value)) => Ok(value),
         Some(Err(_)) => Err(PumpError::SinkIo),
         None => Err(PumpError::SinkTimeout),
     }
@@ -284,10 +289,9 @@ pub(crate) async fn write_pair<W: AsyncWrite + Unpin>(
             _ => (&second[sent - first.len()..], &[][..]),
         };
         let slices = [io::IoSlice::new(a), io::IoSlice::new(b)];
-        match within(idle, dst.write_vectored(&slices)).await {
-            Some(Ok(0) | Err(_)) => return Err(PumpError::SinkIo),
-            Some(Ok(n)) => sent += n,
-            None => return Err(PumpError::SinkTimeout),
+        match sink(within(idle, dst.write_vectored(&slices)).await)? {
+            0 => return Err(PumpError::SinkIo),
+            n => sent += n,
         }
     }
     Ok(())
@@ -298,11 +302,7 @@ pub(crate) async fn flush<W: AsyncWrite + Unpin>(
     dst: &mut W,
     idle: Duration,
 ) -> Result<(), PumpError> {
-    match within(idle, dst.flush()).await {
-        Some(Ok(())) => Ok(()),
-        Some(Err(_)) => Err(PumpError::SinkIo),
-        None => Err(PumpError::SinkTimeout),
-    }
+    sink(within(idle, dst.flush()).await)
 }
 
 /// Relays one body from `src` (bytes already read wait in `input`) to `dst`.
