@@ -74,9 +74,22 @@ pub(crate) fn is_control(byte: u8) -> bool {
     byte < 0x20 || byte == 0x7f
 }
 
-/// RFC 9110 §5.6.2 `tchar`.
+/// RFC 9110 §5.6.2 `tchar`, looked up: the head scanner asks for every byte
+/// of every name.
 pub(crate) fn is_tchar(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+    static TCHAR: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 128 {
+            let c = b as u8;
+            table[b] = c.is_ascii_alphanumeric()
+                || matches!(c, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+')
+                || matches!(c, b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
+            b += 1;
+        }
+        table
+    };
+    TCHAR[usize::from(byte)]
 }
 
 /// RFC 9110 `token`: one or more `tchar`.

@@ -249,29 +249,14 @@ fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8
     }
     let nominates = head::nominates_others(req.headers);
     for h in req.headers {
-        if is_stripped(h.name, req, route, nominates) {
-            continue;
+        if !is_stripped(h.name, req, route, nominates) {
+            head::push_field(&mut out, h.name.as_bytes(), head::trim(h.value));
         }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(head::trim(h.value));
-        out.extend_from_slice(b"\r\n");
     }
     for (name, value) in &route.headers {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.expose());
-        out.extend_from_slice(b"\r\n");
+        head::push_field(&mut out, name.as_bytes(), value.expose());
     }
-    match framing {
-        Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            head::push_decimal(&mut out, n);
-            out.extend_from_slice(b"\r\n");
-        }
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Empty | Framing::UntilClose => {}
-    }
+    head::push_framing(&mut out, framing, None);
     out.extend_from_slice(b"\r\n");
     debug_assert_eq!(out.capacity(), capacity, "the upstream head reallocated");
     out
