@@ -14,7 +14,9 @@ use crate::error::Refusal;
 
 /// How a message body is delimited (RFC 9112 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
+// Public only for the fuzz targets, through `fuzzing::BodyFraming`.
+#[cfg_attr(not(feature = "fuzzing"), allow(unreachable_pub))]
+pub enum Framing {
     /// No body at all.
     Empty,
     /// Exactly this many bytes.
