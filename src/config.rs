@@ -153,6 +153,13 @@ impl Route {
         self
     }
 
+    /// Does this route inject the header `name` (compared case-insensitively)?
+    pub(crate) fn injects(&self, name: &[u8]) -> bool {
+        self.headers
+            .iter()
+            .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+    }
+
     /// Checks the injected headers: token names, each name once (the
     /// upstream would otherwise get two keys), non-empty values without
     /// control bytes or padding (RFC 9110 §5.5).

@@ -163,7 +163,9 @@ impl Body {
     fn feed(&mut self, input: &[u8]) -> Option<usize> {
         match self {
             Body::Length(left) => {
-                let n = input.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let n = input
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
                 *left -= n as u64;
                 Some(n)
             }
