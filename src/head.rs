@@ -372,36 +372,27 @@ pub(crate) fn parse_request<'h, 'b>(
         // obs-text (RFC 9110 §5.5) is relayed as it is where keyhole does not
         // look, and refused where it does: it means nothing defined there.
         let interpreted = |v: &[u8]| v.is_ascii();
-        if h.name.eq_ignore_ascii_case("host") {
+        let is = |name: &str| h.name.eq_ignore_ascii_case(name);
+        if is("host") {
             hosts += 1;
             host = Some(value);
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            if !interpreted(value) {
+        } else if is("connection") {
+            // RFC 9110 §7.6.1: a list of tokens.
+            if !interpreted(value) || !list_items(value).all(is_token) {
                 return Err(Refusal::BadRequest("invalid Connection header"));
             }
-            // RFC 9110 §7.6.1: a list of tokens.
-            for option in list_items(value) {
-                if !is_token(option) {
-                    return Err(Refusal::BadRequest("invalid Connection header"));
-                }
-                close |= option.eq_ignore_ascii_case(b"close");
-            }
-        } else if h.name.eq_ignore_ascii_case("expect") {
+            close |= list_items(value).any(|o| o.eq_ignore_ascii_case(b"close"));
+        } else if is("expect") {
             // RFC 9110 §10.1.1: only a single 100-continue is understood.
             expect = if expect == Expect::None && value.eq_ignore_ascii_case(b"100-continue") {
                 Expect::Continue
             } else {
                 Expect::Other
             };
-        } else if h.name.eq_ignore_ascii_case("origin")
-            || h.name.eq_ignore_ascii_case("sec-fetch-site")
-        {
+        } else if is("origin") || is("sec-fetch-site") {
             // Sent by browsers only: a web page is trying to use the key.
             browser = true;
-        } else if (h.name.eq_ignore_ascii_case("x-api-key")
-            || h.name.eq_ignore_ascii_case("authorization"))
-            && !interpreted(value)
-        {
+        } else if (is("x-api-key") || is("authorization")) && !interpreted(value) {
             return Err(Refusal::BadRequest("invalid credential header"));
         }
     }
