@@ -72,6 +72,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod clients;
 mod config;
 mod conn;
 mod error;

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 
-use crate::config::{Limits, UpstreamUrl};
+use crate::config::{Limits, Route, UpstreamUrl};
 use crate::error::{Error, Refusal};
 use crate::relay::{self, PumpError};
 use crate::route::Forward;
@@ -109,6 +109,9 @@ impl Wake for Wakeup {
 /// connection reused within this time never costs one.
 const WATCH_AFTER: Duration = Duration::from_millis(250);
 
+/// At most one warning per route in this time about refused credentials.
+const KEY_REFUSED_EVERY: Duration = Duration::from_secs(60);
+
 /// An upstream: where to connect, and its idle connections.
 pub(crate) struct Upstream {
     url: UpstreamUrl,
@@ -116,6 +119,8 @@ pub(crate) struct Upstream {
     connector: TlsConnector,
     idle: Mutex<Vec<(Connection, Instant)>>,
     wakeup: Arc<Wakeup>,
+    /// When the upstream's last refusal of the injected key was logged.
+    key_refused_at: Mutex<Option<Instant>>,
     /// In tests and under fuzzing: opens in-memory connections instead of sockets.
     #[cfg(any(test, feature = "fuzzing"))]
     memory: Option<MemoryConnector>,
@@ -140,6 +145,7 @@ impl Upstream {
             connector,
             idle: Mutex::new(Vec::new()),
             wakeup,
+            key_refused_at: Mutex::new(None),
             #[cfg(any(test, feature = "fuzzing"))]
             memory: None,
         })
@@ -211,6 +217,31 @@ impl Upstream {
             self.wakeup.0.notify_one();
         }
         idle.push((conn, now));
+    }
+
+    /// The upstream answered 401 or 403 on `route`: its injected key was
+    /// refused. Warns, naming the route and the injected header names, at
+    /// most once a minute, so the operator learns it from keyhole rather
+    /// than from a confused agent.
+    pub(crate) fn key_refused(&self, route: &Route, status: u16) {
+        if route.headers.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let Ok(mut last) = self.key_refused_at.lock() else {
+            return;
+        };
+        if last.is_some_and(|at| now.saturating_duration_since(at) < KEY_REFUSED_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        let names: Vec<&str> = route.headers.iter().map(|(n, _)| n.as_str()).collect();
+        tracing::warn!(
+            route = route.prefix,
+            headers = names.join(","),
+            status,
+            "the upstream refused the injected credentials: check the key"
+        );
     }
 
     /// Closes idle connections that are past `max_age` or no longer quiet;
