@@ -113,7 +113,7 @@ enum Trailer {
 }
 
 /// Consumes one body, validating its framing and writing it re-framed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Reframer {
     /// Where in the body the next byte falls.
     state: State,
@@ -130,7 +130,7 @@ pub(crate) struct Reframer {
 }
 
 /// The body's framing, and how far it has got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum State {
     /// A Content-Length body with this many bytes to go.
     Length(u64),
@@ -139,6 +139,7 @@ enum State {
     /// A body that ends when the peer closes.
     UntilClose,
     /// The body is complete.
+    #[default]
     Done,
 }
 
@@ -153,11 +154,7 @@ impl Reframer {
         };
         Reframer {
             state,
-            size: 0,
-            payload: 0,
-            extension_bytes: 0,
-            trailer_bytes: 0,
-            trailer_lines: 0,
+            ..Reframer::default()
         }
     }
 
@@ -242,7 +239,14 @@ impl Reframer {
             Chunk::Size { digits } => self.size(digits, byte)?,
             Chunk::Extension(at) => extension(at, byte)?,
             Chunk::SizeLf => self.size_end(byte, out)?,
-            Chunk::DataCr | Chunk::DataLf => data_end(chunk, byte, out)?,
+            // The CRLF after chunk data (RFC 9112 §7.1). Anything else means
+            // the size did not match the data, refused rather than guessed at.
+            Chunk::DataCr if byte == b'\r' => Chunk::DataLf,
+            Chunk::DataLf if byte == b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                Chunk::Size { digits: 0 }
+            }
+            Chunk::DataCr | Chunk::DataLf => return Err(bad("chunk data not followed by CRLF")),
             Chunk::Trailer(at) => trailer(at, byte, out)?,
             // `feed` copies data runs itself and stops once the body is done.
             Chunk::Data { .. } | Chunk::Done => return Err(bad("internal framing state")),
@@ -383,19 +387,6 @@ fn extension(at: Extension, byte: u8) -> Result<Chunk, BodyError> {
         E::Quoted | E::QuotedEscape => return Err(bad("invalid byte in quoted chunk extension")),
     };
     Ok(Chunk::Extension(next))
-}
-
-/// The CRLF after chunk data (RFC 9112 §7.1). Anything else means the size
-/// did not match the data, which is refused rather than guessed at.
-fn data_end(chunk: Chunk, byte: u8, out: &mut Vec<u8>) -> Result<Chunk, BodyError> {
-    match (chunk, byte) {
-        (Chunk::DataCr, b'\r') => Ok(Chunk::DataLf),
-        (Chunk::DataLf, b'\n') => {
-            out.extend_from_slice(b"\r\n");
-            Ok(Chunk::Size { digits: 0 })
-        }
-        _ => Err(bad("chunk data not followed by CRLF")),
-    }
 }
 
 /// One byte of the trailer section (RFC 9112 §7.1.2). Its fields are

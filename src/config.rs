@@ -32,13 +32,12 @@ impl Secret {
     /// Expands every `${VAR}` in `template` from the environment, e.g.
     /// `Bearer ${OPENAI_API_KEY}`. Fails naming the variable, never its value.
     pub fn from_template(template: &str) -> Result<Secret, Error> {
-        let mut out = Zeroizing::new(Vec::with_capacity(template.len() + 64));
+        // Each variable is read once, and `out` then reserved for exactly
+        // what it holds: a `Vec` that grew would free a copy unzeroed.
+        let mut parts = Vec::new();
         let mut rest = template;
-        while let Some(start) = rest.find("${") {
-            out.extend_from_slice(&rest.as_bytes()[..start]);
-            let after = &rest[start + 2..];
-            let end = after.find('}').ok_or(Error::BadTemplate)?;
-            let var = &after[..end];
+        while let Some((text, after)) = rest.split_once("${") {
+            let (var, tail) = after.split_once('}').ok_or(Error::BadTemplate)?;
             let valid =
                 !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !valid {
@@ -50,8 +49,14 @@ impl Secret {
             if value.bytes().any(is_control) {
                 return Err(Error::VariableHasControlByte(var.to_owned()));
             }
+            parts.push((text, value));
+            rest = tail;
+        }
+        let len = parts.iter().map(|(text, value)| text.len() + value.len());
+        let mut out = Zeroizing::new(Vec::with_capacity(len.sum::<usize>() + rest.len()));
+        for (text, value) in &parts {
+            out.extend_from_slice(text.as_bytes());
             out.extend_from_slice(value.as_bytes());
-            rest = &after[end + 1..];
         }
         out.extend_from_slice(rest.as_bytes());
         Ok(Secret(out))
@@ -74,9 +79,22 @@ pub(crate) fn is_control(byte: u8) -> bool {
     byte < 0x20 || byte == 0x7f
 }
 
-/// RFC 9110 §5.6.2 `tchar`.
+/// RFC 9110 §5.6.2 `tchar`, looked up: the head scanner asks for every byte
+/// of every name.
 pub(crate) fn is_tchar(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+    static TCHAR: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 128 {
+            let c = b as u8;
+            table[b] = c.is_ascii_alphanumeric()
+                || matches!(c, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+')
+                || matches!(c, b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
+            b += 1;
+        }
+        table
+    };
+    TCHAR[usize::from(byte)]
 }
 
 /// RFC 9110 `token`: one or more `tchar`.
@@ -135,6 +153,13 @@ impl Route {
         self
     }
 
+    /// Does this route inject the header `name` (compared case-insensitively)?
+    pub(crate) fn injects(&self, name: &[u8]) -> bool {
+        self.headers
+            .iter()
+            .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+    }
+
     /// Checks the injected headers: token names, each name once (the
     /// upstream would otherwise get two keys), non-empty values without
     /// control bytes or padding (RFC 9110 §5.5).
@@ -185,11 +210,7 @@ fn parse_prefix(prefix: &str) -> Result<String, Error> {
     if trimmed.contains("//") || trimmed.split('/').any(|s| s == "." || s == "..") {
         return Err(bad("empty or dot segments are not allowed"));
     }
-    Ok(if trimmed.is_empty() {
-        "/".to_owned()
-    } else {
-        trimmed.to_owned()
-    })
+    Ok(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
 }
 
 /// A parsed, validated upstream URL.
@@ -220,16 +241,7 @@ impl UpstreamUrl {
         }
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let (host, port) = split_authority(authority).ok_or_else(|| bad("invalid host or port"))?;
-        let port = match port {
-            None => {
-                if tls {
-                    443
-                } else {
-                    80
-                }
-            }
-            Some(p) => p,
-        };
+        let port = port.unwrap_or(if tls { 443 } else { 80 });
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -267,16 +279,12 @@ fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
             p => (host, Some(p.strip_prefix(':')?)),
         }
     } else {
-        match authority.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
+        authority
+            .split_once(':')
+            .map_or((authority, None), |(h, p)| (h, Some(p)))
     };
-    let host_ok = host.starts_with('[')
-        || (!host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    let name = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
+    let host_ok = host.starts_with('[') || (!host.is_empty() && host.bytes().all(name));
     if !host_ok {
         return None;
     }
@@ -427,6 +435,19 @@ mod tests {
         let err = Secret::from_template("${KEYHOLE_TEST_TEMPLATE_CRLF}").unwrap_err();
         assert!(err.to_string().contains("KEYHOLE_TEST_TEMPLATE_CRLF"));
         assert!(!err.to_string().contains("evil"));
+    }
+
+    #[test]
+    fn a_long_template_is_reserved_exactly() {
+        // A buffer that grew would have freed an unzeroed copy of the value.
+        std::env::set_var("KEYHOLE_TEST_TEMPLATE_LONG", "k".repeat(300));
+        let template = "a ${KEYHOLE_TEST_TEMPLATE_LONG} b ${KEYHOLE_TEST_TEMPLATE_LONG}";
+        let s = Secret::from_template(template).unwrap();
+        assert_eq!(
+            s.expose(),
+            format!("a {0} b {0}", "k".repeat(300)).as_bytes()
+        );
+        assert_eq!(s.0.capacity(), s.0.len());
     }
 
     #[test]

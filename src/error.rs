@@ -39,71 +39,59 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
-    /// The status code this refusal is answered with.
-    pub(crate) fn status(self) -> u16 {
+    /// The status code this refusal is answered with, its reason phrase,
+    /// and the fixed reason text sent as the body and logged: one row per
+    /// variant.
+    fn answer(self) -> (u16, &'static str, &'static str) {
         match self {
-            Refusal::BadRequest(_) => 400,
-            Refusal::Unauthorized => 401,
-            Refusal::Forbidden(_) => 403,
-            Refusal::NotFound => 404,
-            Refusal::MethodNotAllowed => 405,
-            Refusal::RequestTimeout => 408,
-            Refusal::PayloadTooLarge => 413,
-            Refusal::ExpectationFailed => 417,
-            Refusal::HeadTooLarge => 431,
-            Refusal::BadGateway(_) => 502,
-            Refusal::Unavailable => 503,
-            Refusal::GatewayTimeout(_) => 504,
-            Refusal::VersionNotSupported => 505,
+            Refusal::BadRequest(why) => (400, "Bad Request", why),
+            Refusal::Unauthorized => (401, "Unauthorized", "missing or wrong client key"),
+            Refusal::Forbidden(why) => (403, "Forbidden", why),
+            Refusal::NotFound => (404, "Not Found", "no route matches this path"),
+            Refusal::MethodNotAllowed => (405, "Method Not Allowed", "TRACE is not allowed"),
+            Refusal::RequestTimeout => (408, "Request Timeout", "request not received in time"),
+            Refusal::PayloadTooLarge => (
+                413,
+                "Content Too Large",
+                "request body over the configured limit",
+            ),
+            Refusal::ExpectationFailed => (
+                417,
+                "Expectation Failed",
+                "only Expect: 100-continue is supported",
+            ),
+            Refusal::HeadTooLarge => (
+                431,
+                "Request Header Fields Too Large",
+                "request head too large",
+            ),
+            Refusal::BadGateway(why) => (502, "Bad Gateway", why),
+            Refusal::Unavailable => (503, "Service Unavailable", "too many connections"),
+            Refusal::GatewayTimeout(why) => (504, "Gateway Timeout", why),
+            Refusal::VersionNotSupported => (
+                505,
+                "HTTP Version Not Supported",
+                "only HTTP/1.1 is supported",
+            ),
         }
     }
 
-    fn phrase(self) -> &'static str {
-        match self {
-            Refusal::BadRequest(_) => "Bad Request",
-            Refusal::Unauthorized => "Unauthorized",
-            Refusal::Forbidden(_) => "Forbidden",
-            Refusal::NotFound => "Not Found",
-            Refusal::MethodNotAllowed => "Method Not Allowed",
-            Refusal::RequestTimeout => "Request Timeout",
-            Refusal::PayloadTooLarge => "Content Too Large",
-            Refusal::ExpectationFailed => "Expectation Failed",
-            Refusal::HeadTooLarge => "Request Header Fields Too Large",
-            Refusal::BadGateway(_) => "Bad Gateway",
-            Refusal::Unavailable => "Service Unavailable",
-            Refusal::GatewayTimeout(_) => "Gateway Timeout",
-            Refusal::VersionNotSupported => "HTTP Version Not Supported",
-        }
+    /// The status code this refusal is answered with.
+    pub(crate) fn status(self) -> u16 {
+        self.answer().0
     }
 
     /// The fixed reason text sent as the body and logged.
     pub(crate) fn reason(self) -> &'static str {
-        match self {
-            Refusal::BadRequest(why)
-            | Refusal::Forbidden(why)
-            | Refusal::BadGateway(why)
-            | Refusal::GatewayTimeout(why) => why,
-            Refusal::Unauthorized => "missing or wrong client key",
-            Refusal::NotFound => "no route matches this path",
-            Refusal::MethodNotAllowed => "TRACE is not allowed",
-            Refusal::RequestTimeout => "request not received in time",
-            Refusal::PayloadTooLarge => "request body over the configured limit",
-            Refusal::ExpectationFailed => "only Expect: 100-continue is supported",
-            Refusal::HeadTooLarge => "request head too large",
-            Refusal::Unavailable => "too many connections",
-            Refusal::VersionNotSupported => "only HTTP/1.1 is supported",
-        }
+        self.answer().2
     }
 
     /// The whole response: status line, fixed headers, the reason as body.
     pub(crate) fn response(self) -> Vec<u8> {
-        let body = self.reason();
+        let (status, phrase, body) = self.answer();
         format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}\n",
-            self.status(),
-            self.phrase(),
+            "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}\n",
             body.len() + 1,
-            body
         )
         .into_bytes()
     }

@@ -1,60 +1,42 @@
 //! Entry points for the fuzz targets and the corpus replay test: thin,
 //! panic-free wrappers over the pure parsers. Not a stable API.
 
-use crate::body::Reframer;
+use crate::body::{BodyError, Reframer};
+use crate::config::{DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEAD_BYTES};
 use crate::error::Refusal;
-use crate::head::{self, Framing, HeadScan, Scan, Side};
+use crate::head::{self, Framing, HeadScan, RequestHead, Scan, Side};
 
-/// The framing a head was given, in a form the harness can compare.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFraming {
-    /// No body.
-    Empty,
-    /// Content-Length.
-    Length(u64),
-    /// Chunked.
-    Chunked,
-    /// Until the connection closes (responses only).
-    UntilClose,
-}
-
-impl From<Framing> for BodyFraming {
-    fn from(f: Framing) -> BodyFraming {
-        match f {
-            Framing::Empty => BodyFraming::Empty,
-            Framing::Length(n) => BodyFraming::Length(n),
-            Framing::Chunked => BodyFraming::Chunked,
-            Framing::UntilClose => BodyFraming::UntilClose,
-        }
-    }
-}
+/// The framing a head gave its body, as the harness compares it.
+pub use crate::head::Framing as BodyFraming;
 
 /// Scans for the end of a head as keyhole does (64 KiB, 100 lines).
 /// `Ok(Some(n))`: the head is the first `n` bytes; `Ok(None)`: incomplete;
 /// `Err(status)`: refused with that status.
 pub fn scan_head(bytes: &[u8]) -> Result<Option<usize>, u16> {
-    match HeadScan::new(Side::Request).scan(
-        bytes,
-        crate::config::DEFAULT_MAX_HEAD_BYTES,
-        crate::config::DEFAULT_MAX_HEADERS,
-    ) {
+    match HeadScan::new(Side::Request).scan(bytes, DEFAULT_MAX_HEAD_BYTES, DEFAULT_MAX_HEADERS) {
         Ok(Scan::Complete(n)) => Ok(Some(n)),
         Ok(Scan::Partial) => Ok(None),
         Err(r) => Err(r.status()),
     }
 }
 
+/// Parses a complete request head as keyhole does (100 fields at most) and
+/// hands it to `then`; the error is the status keyhole would answer.
+fn with_request<T>(
+    head_bytes: &[u8],
+    then: impl FnOnce(&RequestHead<'_, '_>) -> Result<T, Refusal>,
+) -> Result<T, u16> {
+    let mut storage = head::header_array();
+    let req = head::parse_request(head_bytes, &mut storage[..DEFAULT_MAX_HEADERS]);
+    req.and_then(|req| then(&req)).map_err(Refusal::status)
+}
+
 /// Parses a complete request head. On success, returns the method, target
 /// and framing; the error is the status keyhole would answer.
 pub fn parse_request(head_bytes: &[u8]) -> Result<(String, String, BodyFraming), u16> {
-    let mut storage = head::header_array();
-    let req = head::parse_request(
-        head_bytes,
-        &mut storage[..crate::config::DEFAULT_MAX_HEADERS],
-    )
-    .map_err(Refusal::status)?;
-    let framing = req.framing.map_err(Refusal::status)?;
-    Ok((req.method.to_owned(), req.target.to_owned(), framing.into()))
+    with_request(head_bytes, |req| {
+        Ok((req.method.to_owned(), req.target.to_owned(), req.framing?))
+    })
 }
 
 /// Decodes a chunked body fed in the pieces given. Returns bytes consumed,
@@ -65,10 +47,7 @@ pub fn decode_chunked(pieces: &[&[u8]]) -> Result<(usize, Vec<u8>, u64, bool), &
     let mut out = Vec::new();
     let mut used = 0;
     for piece in pieces {
-        let n = reader
-            .feed(piece, &mut out)
-            .map_err(crate::body::BodyError::reason)?;
-        used += n;
+        used += reader.feed(piece, &mut out).map_err(BodyError::reason)?;
         if reader.is_done() {
             break;
         }
@@ -115,20 +94,16 @@ pub struct Forwarded {
 /// Parses, validates, routes and rewrites one complete request head through
 /// the fuzz route table; the error is the status keyhole would answer.
 pub fn forward_request(head_bytes: &[u8]) -> Result<Forwarded, u16> {
-    let mut storage = head::header_array();
-    let req = head::parse_request(
-        head_bytes,
-        &mut storage[..crate::config::DEFAULT_MAX_HEADERS],
-    )
-    .map_err(Refusal::status)?;
     let table = fuzz_table().ok_or(500u16)?;
-    let fwd = table.forward(&req, None).map_err(Refusal::status)?;
-    Ok(Forwarded {
-        head: fwd.head().to_vec(),
-        upstream_host: table.routes()[fwd.route()].upstream.host.clone(),
-        method: req.method.to_owned(),
-        client_target: req.target.to_owned(),
-        framing: fwd.framing().into(),
+    with_request(head_bytes, |req| {
+        let fwd = table.forward(req, None)?;
+        Ok(Forwarded {
+            head: fwd.head().to_vec(),
+            upstream_host: table.routes()[fwd.route()].upstream.host.clone(),
+            method: req.method.to_owned(),
+            client_target: req.target.to_owned(),
+            framing: fwd.framing(),
+        })
     })
 }
 
@@ -166,7 +141,7 @@ pub fn relay_response(head_bytes: &[u8], request_was_head: bool) -> Result<Relay
     head::write_response_head(&mut out, &res);
     Ok(Relayed {
         status: res.status,
-        framing: res.framing.into(),
+        framing: res.framing,
         head: out,
         close: res.close,
     })
@@ -209,32 +184,4 @@ pub async fn serve_in_memory(
     });
     let (_phase, phase) = tokio::sync::watch::channel(crate::conn::Phase::Running);
     crate::conn::serve(client, shared, phase).await;
-}
-
-/// keyhole's body framing, for an in-memory upstream that must find where
-/// each forwarded request body ends.
-#[derive(Debug)]
-pub struct BodyDecoder(Reframer);
-
-impl BodyDecoder {
-    /// A decoder for a chunked body, or for one of `length` bytes.
-    #[must_use]
-    pub fn new(chunked: bool, length: u64) -> BodyDecoder {
-        BodyDecoder(Reframer::new(if chunked {
-            Framing::Chunked
-        } else {
-            Framing::Length(length)
-        }))
-    }
-
-    /// Consumes a prefix of `input`; returns how many bytes it took.
-    pub fn feed(&mut self, input: &[u8]) -> Result<usize, &'static str> {
-        (self.0.feed(input, &mut Vec::new())).map_err(crate::body::BodyError::reason)
-    }
-
-    /// Has the whole body been consumed?
-    #[must_use]
-    pub fn is_done(&self) -> bool {
-        self.0.is_done()
-    }
 }

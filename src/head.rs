@@ -9,12 +9,14 @@
 
 use std::mem::MaybeUninit;
 
-use crate::config::{is_token, HEADER_ARRAY_LEN};
+use crate::config::{is_tchar, is_token, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
 
 /// How a message body is delimited (RFC 9112 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
+// Public only for the fuzz targets, through `fuzzing::BodyFraming`.
+#[cfg_attr(not(feature = "fuzzing"), allow(unreachable_pub))]
+pub enum Framing {
     /// No body at all.
     Empty,
     /// Exactly this many bytes.
@@ -120,7 +122,7 @@ impl HeadScan {
                 let valid = if self.lines == 0 {
                     check_request_line(line).is_ok()
                 } else {
-                    let name = line.iter().position(|&b| !tchar(b));
+                    let name = line.iter().position(|&b| !is_tchar(b));
                     name.is_some_and(|colon| colon > 0 && line[colon] == b':')
                 };
                 if valid && head.get(end) == Some(&b'\r') {
@@ -187,7 +189,7 @@ impl HeadScan {
             Part::LineStart if self.lines == 0 => request_line(Part::LineStart, b),
             // RFC 9112 §5.1: a field name is a token (RFC 9110 §5.6.2) and
             // the colon follows it at once.
-            Part::LineStart | Part::Name if tchar(b) => Ok(Part::Name),
+            Part::LineStart | Part::Name if is_tchar(b) => Ok(Part::Name),
             Part::Name if b == b':' => Ok(Part::Value),
             Part::LineStart | Part::Name => Err(Refusal::BadRequest(match (self.part, b) {
                 // RFC 9112 §5.2: obs-fold, which some join to the last value.
@@ -208,7 +210,7 @@ impl HeadScan {
 /// head gets the same answer however it was split.
 fn request_line(part: Part, b: u8) -> Result<Part, Refusal> {
     match (part, b) {
-        (Part::LineStart | Part::Method, _) if tchar(b) => Ok(Part::Method),
+        (Part::LineStart | Part::Method, _) if is_tchar(b) => Ok(Part::Method),
         (Part::Method, b' ') => Ok(Part::TargetStart),
         (Part::TargetStart | Part::Target, b'!'..=b'~') => Ok(Part::Target),
         (Part::Target, b' ') => Ok(Part::Version(0)),
@@ -238,7 +240,7 @@ fn check_request_line(line: &[u8]) -> Result<(), Refusal> {
     while let Some((&b, tail)) = rest.split_first() {
         part = request_line(part, b)?;
         let run = match part {
-            Part::Method => tail.iter().position(|&b| !tchar(b)),
+            Part::Method => tail.iter().position(|&b| !is_tchar(b)),
             Part::Target => tail.iter().position(|b| !(b'!'..=b'~').contains(b)),
             // How nearly every request line ends.
             Part::Version(0) if tail == b"HTTP/1.1" => return Ok(()),
@@ -247,24 +249,6 @@ fn check_request_line(line: &[u8]) -> Result<(), Refusal> {
         rest = &tail[run.unwrap_or(tail.len())..];
     }
     request_line_end(part, line)
-}
-
-/// RFC 9110 §5.6.2 `tchar`, looked up: the scan asks for every byte of
-/// every name (the same set as `config::is_tchar`, see the tests).
-fn tchar(b: u8) -> bool {
-    static TCHAR: [bool; 256] = {
-        let mut table = [false; 256];
-        let mut b = 0;
-        while b < 128 {
-            let c = b as u8;
-            table[b] = c.is_ascii_alphanumeric()
-                || matches!(c, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+')
-                || matches!(c, b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
-            b += 1;
-        }
-        table
-    };
-    TCHAR[usize::from(b)]
 }
 
 /// Where the first control byte of `bytes` is (its length if none): eight
@@ -388,36 +372,27 @@ pub(crate) fn parse_request<'h, 'b>(
         // obs-text (RFC 9110 §5.5) is relayed as it is where keyhole does not
         // look, and refused where it does: it means nothing defined there.
         let interpreted = |v: &[u8]| v.is_ascii();
-        if h.name.eq_ignore_ascii_case("host") {
+        let is = |name: &str| h.name.eq_ignore_ascii_case(name);
+        if is("host") {
             hosts += 1;
             host = Some(value);
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            if !interpreted(value) {
+        } else if is("connection") {
+            // RFC 9110 §7.6.1: a list of tokens.
+            if !interpreted(value) || !list_items(value).all(is_token) {
                 return Err(Refusal::BadRequest("invalid Connection header"));
             }
-            // RFC 9110 §7.6.1: a list of tokens.
-            for option in list_items(value) {
-                if !is_token(option) {
-                    return Err(Refusal::BadRequest("invalid Connection header"));
-                }
-                close |= option.eq_ignore_ascii_case(b"close");
-            }
-        } else if h.name.eq_ignore_ascii_case("expect") {
+            close |= list_items(value).any(|o| o.eq_ignore_ascii_case(b"close"));
+        } else if is("expect") {
             // RFC 9110 §10.1.1: only a single 100-continue is understood.
             expect = if expect == Expect::None && value.eq_ignore_ascii_case(b"100-continue") {
                 Expect::Continue
             } else {
                 Expect::Other
             };
-        } else if h.name.eq_ignore_ascii_case("origin")
-            || h.name.eq_ignore_ascii_case("sec-fetch-site")
-        {
+        } else if is("origin") || is("sec-fetch-site") {
             // Sent by browsers only: a web page is trying to use the key.
             browser = true;
-        } else if (h.name.eq_ignore_ascii_case("x-api-key")
-            || h.name.eq_ignore_ascii_case("authorization"))
-            && !interpreted(value)
-        {
+        } else if (is("x-api-key") || is("authorization")) && !interpreted(value) {
             return Err(Refusal::BadRequest("invalid credential header"));
         }
     }
@@ -527,16 +502,14 @@ fn check_target(target: &str) -> Result<usize, Refusal> {
     if path.contains(&b'\\') {
         return Err(Refusal::BadRequest("backslash in path"));
     }
-    let mut rest = path;
-    while let Some(i) = rest.iter().position(|&b| b == b'%') {
-        let encoded = rest.get(i + 1..i + 3).unwrap_or_default();
+    for i in (0..path.len()).filter(|&i| path[i] == b'%') {
+        let encoded = path.get(i + 1..i + 3).unwrap_or_default();
         if encoded.len() != 2 || !encoded.iter().all(u8::is_ascii_hexdigit) {
             return Err(Refusal::BadRequest("invalid percent-encoding in path"));
         }
         if encoded.eq_ignore_ascii_case(b"2f") || encoded.eq_ignore_ascii_case(b"5c") {
             return Err(Refusal::BadRequest("encoded slash or backslash in path"));
         }
-        rest = &rest[i + 3..];
     }
     for segment in path.split(|&b| b == b'/') {
         // Cut at `;` (path parameters some servers strip) before deciding.
@@ -550,62 +523,43 @@ fn check_target(target: &str) -> Result<usize, Refusal> {
 
 /// `.` or `..`, each dot possibly written `%2e`/`%2E`.
 fn is_dot_segment(segment: &[u8]) -> bool {
-    let mut dots = 0;
-    let mut rest = segment;
-    while !rest.is_empty() {
-        if rest[0] == b'.' {
-            rest = &rest[1..];
-        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1..3].eq_ignore_ascii_case(b"2e") {
-            rest = &rest[3..];
-        } else {
-            return false;
-        }
-        dots += 1;
-    }
-    dots == 1 || dots == 2
+    const DOTS: [&[u8]; 6] = [b".", b"..", b"%2e", b".%2e", b"%2e.", b"%2e%2e"];
+    DOTS.iter().any(|dots| segment.eq_ignore_ascii_case(dots))
 }
 
 /// RFC 9110 §7.2: `uri-host [":" port]`, host an IP literal in brackets or
 /// a reg-name (RFC 3986 §3.2.2).
 fn valid_host(host: &[u8]) -> bool {
-    let (name, port) = if host.first() == Some(&b'[') {
-        let Some(end) = host.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let literal = &host[1..end];
-        if literal.is_empty()
-            || !literal
-                .iter()
-                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        {
-            return false;
-        }
-        match &host[end + 1..] {
-            [] => (&host[..=end], &b""[..]),
-            [b':', port @ ..] => (&host[..=end], port),
-            _ => return false,
-        }
+    // An unclosed bracket leaves the name empty.
+    let name_len = if host.first() == Some(&b'[') {
+        host.iter()
+            .position(|&b| b == b']')
+            .map_or(0, |end| end + 1)
     } else {
-        match host.iter().position(|&b| b == b':') {
-            Some(i) => (&host[..i], &host[i + 1..]),
-            None => (host, &b""[..]),
-        }
+        host.iter().position(|&b| b == b':').unwrap_or(host.len())
     };
-    let reg_name = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b);
-    !name.is_empty()
-        && (name[0] == b'[' || name.iter().all(|&b| reg_name(b)))
-        && port.len() <= 5
-        && port.iter().all(u8::is_ascii_digit)
+    let (name, port) = match host.split_at(name_len) {
+        (name, []) => (name, &[][..]),
+        (name, [b':', port @ ..]) => (name, port),
+        _ => return false,
+    };
+    let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
+    let literal = |b: &u8| b.is_ascii_hexdigit() || b":.".contains(b);
+    let name_ok = match name {
+        [b'[', inner @ .., b']'] => !inner.is_empty() && inner.iter().all(literal),
+        _ => !name.is_empty() && name.iter().all(reg_name),
+    };
+    name_ok && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
 }
 
 /// Is this `Host` one a sandbox sends? DNS rebinding, a browser's way to
 /// reach loopback, needs a domain name that is not in this list.
 pub(crate) fn host_is_local(host: &[u8], allowed: &[String]) -> bool {
-    let name = if host.first() == Some(&b'[') {
-        return true; // a bracketed literal, checked by valid_host
-    } else {
-        host.split(|&b| b == b':').next().unwrap_or_default()
-    };
+    // A bracketed literal (checked by `valid_host`) is an IP address.
+    if host.first() == Some(&b'[') {
+        return true;
+    }
+    let name = host.split(|&b| b == b':').next().unwrap_or_default();
     let Ok(name) = std::str::from_utf8(name) else {
         return false;
     };
@@ -615,30 +569,20 @@ pub(crate) fn host_is_local(host: &[u8], allowed: &[String]) -> bool {
         || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
 
-/// RFC 9110 §8.6: `1*DIGIT` with checked arithmetic (`str::parse` accepts `+5`).
+/// RFC 9110 §8.6: `1*DIGIT`, checked first (`str::parse` accepts `+5`), that
+/// fits in a u64.
 pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    value.iter().try_fold(0u64, |n, &b| {
-        if b.is_ascii_digit() {
-            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        } else {
-            None
-        }
-    })
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// Strips leading and trailing SP/HTAB (RFC 9110 §5.5 OWS).
 pub(crate) fn trim(value: &[u8]) -> &[u8] {
-    let start = value
-        .iter()
-        .position(|&b| b != b' ' && b != b'\t')
-        .unwrap_or(value.len());
-    let end = value
-        .iter()
-        .rposition(|&b| b != b' ' && b != b'\t')
-        .map_or(start, |i| i + 1);
+    let text = |b: &u8| *b != b' ' && *b != b'\t';
+    let start = value.iter().position(text).unwrap_or(value.len());
+    let end = value.iter().rposition(text).map_or(start, |i| i + 1);
     &value[start..end]
 }
 
@@ -773,46 +717,43 @@ pub(crate) fn is_nominated(headers: &[httparse::Header<'_>], name: &str) -> bool
 /// status line, end-to-end headers byte for byte, its own framing fields.
 /// The caller adds its connection field and the final CRLF.
 pub(crate) fn write_response_head(out: &mut Vec<u8>, res: &ResponseHead<'_, '_>) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    push_decimal(out, u64::from(res.status));
-    out.push(b' ');
-    out.extend_from_slice(res.reason);
-    out.extend_from_slice(b"\r\n");
+    let mut digits = [0; 20];
+    let status = decimal(res.status.into(), &mut digits);
+    for part in [b"HTTP/1.1 ", status, b" ", res.reason, b"\r\n"] {
+        out.extend_from_slice(part);
+    }
     let nominates = nominates_others(res.headers);
     for h in res.headers {
-        if is_hop_by_hop(h.name) || (nominates && is_nominated(res.headers, h.name)) {
-            continue;
+        if !(is_hop_by_hop(h.name) || (nominates && is_nominated(res.headers, h.name))) {
+            push_field(out, h.name.as_bytes(), trim(h.value));
         }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(trim(h.value));
-        out.extend_from_slice(b"\r\n");
     }
-    match res.framing {
-        Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            push_decimal(out, n);
-            out.extend_from_slice(b"\r\n");
-        }
-        // A close-delimited body is re-framed as chunked (see `Reframer::feed`).
-        Framing::Chunked | Framing::UntilClose => {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-        // A bodiless response keeps the length it describes (HEAD, 304).
-        Framing::Empty if res.status >= 200 && res.status != 204 => {
-            if let Some(n) = res.length {
-                out.extend_from_slice(b"content-length: ");
-                push_decimal(out, n);
-                out.extend_from_slice(b"\r\n");
-            }
-        }
-        Framing::Empty => {}
+    // A bodiless response keeps the length it describes (HEAD, 304).
+    let keeps_length = res.status >= 200 && res.status != 204;
+    push_framing(out, res.framing, res.length.filter(|_| keeps_length));
+}
+
+/// Appends the field line `name: value` and its CRLF.
+pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    for part in [name, b": ", value, b"\r\n"] {
+        out.extend_from_slice(part);
     }
 }
 
-/// Appends `n` in decimal, without the formatting machinery or an allocation.
-pub(crate) fn push_decimal(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(decimal(n, &mut [0; 20]));
+/// Appends keyhole's own framing field for a body: requests and responses
+/// alike, never the peer's. `bodiless_length` is the `Content-Length` a
+/// message without a body keeps.
+pub(crate) fn push_framing(out: &mut Vec<u8>, framing: Framing, bodiless_length: Option<u64>) {
+    match (framing, bodiless_length) {
+        (Framing::Length(n), _) | (Framing::Empty, Some(n)) => {
+            push_field(out, b"content-length", decimal(n, &mut [0; 20]));
+        }
+        // A close-delimited body is re-framed as chunked (see `Reframer::feed`).
+        (Framing::Chunked | Framing::UntilClose, _) => {
+            push_field(out, b"transfer-encoding", b"chunked");
+        }
+        (Framing::Empty, None) => {}
+    }
 }
 
 /// `n` in decimal ASCII digits, written into `digits`.
@@ -1169,7 +1110,8 @@ mod tests {
     #[test]
     fn tchar_table_is_the_token_set() {
         for b in 0u8..=255 {
-            assert_eq!(tchar(b), crate::config::is_tchar(b), "{b:#x}");
+            let token = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(is_tchar(b), token, "{b:#x}");
         }
     }
 

@@ -7,7 +7,7 @@
 
 use zeroize::Zeroize;
 
-use crate::config::{Route, Secret, UpstreamUrl};
+use crate::config::{Route, Secret};
 use crate::error::Refusal;
 use crate::head::{self, Expect, Framing, RequestHead};
 
@@ -125,7 +125,13 @@ impl RouteTable {
                 return Err(Refusal::Unauthorized);
             }
         }
-        let index = self.match_path(req.path()).ok_or(Refusal::NotFound)?;
+        // Longest prefix on a segment boundary, case-sensitive
+        // (docs/strict-profile.md, "Path safety").
+        let index = self
+            .routes
+            .iter()
+            .position(|r| prefix_matches(&r.prefix, req.path()))
+            .ok_or(Refusal::NotFound)?;
         let route = &self.routes[index];
         if let Some(key) = &route.client_key {
             if !carries_client_key(req.headers, key.expose()) {
@@ -136,25 +142,19 @@ impl RouteTable {
         if req.expect == Expect::Other {
             return Err(Refusal::ExpectationFailed);
         }
-        if let (Some(limit), Framing::Length(n)) = (max_body, framing) {
-            if n > limit {
-                return Err(Refusal::PayloadTooLarge);
-            }
+        if matches!((max_body, framing), (Some(limit), Framing::Length(n)) if n > limit) {
+            return Err(Refusal::PayloadTooLarge);
         }
         // A nomination must not remove what framing or injection relies on
         // (RFC 9110 §7.6.1).
-        for name in head::nominated(req.headers) {
-            let protected = [&b"host"[..], b"content-length", b"transfer-encoding"];
-            if protected.iter().any(|p| name.eq_ignore_ascii_case(p))
-                || route
-                    .headers
-                    .iter()
-                    .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
-            {
-                return Err(Refusal::BadRequest(
-                    "Connection nominates a protected header",
-                ));
-            }
+        let protected = |name: &[u8]| {
+            let framing = [&b"host"[..], b"content-length", b"transfer-encoding"];
+            framing.iter().any(|p| name.eq_ignore_ascii_case(p)) || route.injects(name)
+        };
+        if head::nominated(req.headers).any(protected) {
+            return Err(Refusal::BadRequest(
+                "Connection nominates a protected header",
+            ));
         }
         Ok(Forward {
             route: index,
@@ -164,14 +164,6 @@ impl RouteTable {
             is_head: req.method == "HEAD",
             close: req.close,
         })
-    }
-
-    /// Longest prefix on a segment boundary, case-sensitive
-    /// (docs/strict-profile.md, "Path safety").
-    fn match_path(&self, path: &str) -> Option<usize> {
-        self.routes
-            .iter()
-            .position(|r| prefix_matches(&r.prefix, path))
     }
 }
 
@@ -185,16 +177,16 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// Appends the upstream target: the URL's path, the rest of the client's
 /// path after the prefix, and the query, byte for byte (never decoded or
 /// normalised: RFC 3986 §6 equivalences are the upstream's business).
-fn push_target(out: &mut Vec<u8>, url: &UpstreamUrl, prefix: &str, target: &str, path_len: usize) {
-    let target = target.as_bytes();
+fn push_target(out: &mut Vec<u8>, req: &RequestHead<'_, '_>, route: &Route) {
+    let (url, prefix, target) = (&route.upstream, &route.prefix, req.target.as_bytes());
     let skip = if prefix == "/" { 0 } else { prefix.len() };
-    let rest = target.get(skip..path_len).unwrap_or_default();
+    let rest = target.get(skip..req.path_len).unwrap_or_default();
     out.extend_from_slice(url.path.as_bytes());
     out.extend_from_slice(rest);
     if url.path.is_empty() && rest.is_empty() {
         out.push(b'/');
     }
-    out.extend_from_slice(target.get(path_len..).unwrap_or_default());
+    out.extend_from_slice(target.get(req.path_len..).unwrap_or_default());
 }
 
 /// Should this client header be dropped before forwarding (RFC 9110 §7.6.1
@@ -209,10 +201,7 @@ fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route, nominates: 
     ];
     head::is_hop_by_hop(name)
         || CREDENTIALS.iter().any(|c| c.eq_ignore_ascii_case(name))
-        || route
-            .headers
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case(name))
+        || route.injects(name.as_bytes())
         || (nominates && head::is_nominated(req.headers, name))
 }
 
@@ -237,41 +226,20 @@ fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8
     let capacity = out.capacity();
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
-    push_target(
-        &mut out,
-        &route.upstream,
-        &route.prefix,
-        req.target,
-        req.path_len,
-    );
+    push_target(&mut out, req, route);
     for part in [" HTTP/1.1\r\nhost: ", &route.upstream.authority, "\r\n"] {
         out.extend_from_slice(part.as_bytes());
     }
     let nominates = head::nominates_others(req.headers);
     for h in req.headers {
-        if is_stripped(h.name, req, route, nominates) {
-            continue;
+        if !is_stripped(h.name, req, route, nominates) {
+            head::push_field(&mut out, h.name.as_bytes(), head::trim(h.value));
         }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(head::trim(h.value));
-        out.extend_from_slice(b"\r\n");
     }
     for (name, value) in &route.headers {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.expose());
-        out.extend_from_slice(b"\r\n");
+        head::push_field(&mut out, name.as_bytes(), value.expose());
     }
-    match framing {
-        Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            head::push_decimal(&mut out, n);
-            out.extend_from_slice(b"\r\n");
-        }
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Empty | Framing::UntilClose => {}
-    }
+    head::push_framing(&mut out, framing, None);
     out.extend_from_slice(b"\r\n");
     debug_assert_eq!(out.capacity(), capacity, "the upstream head reallocated");
     out

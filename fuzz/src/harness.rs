@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keyhole::fuzzing::{self, BodyDecoder};
+use keyhole::fuzzing;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 /// What one client byte stream produced.
@@ -116,17 +116,21 @@ async fn memory_upstream(mut stream: DuplexStream, record: Recorded, answered: A
             let length = value("content-length")
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
                 .unwrap_or(0);
-            BodyDecoder::new(value("transfer-encoding").is_some(), length)
+            if value("transfer-encoding").is_some() {
+                Body::Chunked(Vec::new())
+            } else {
+                Body::Length(length)
+            }
         };
         if let Ok(mut all) = record.lock() {
             all.extend_from_slice(&input[..head_len]);
         }
         input.drain(..head_len);
-        while !body.is_done() {
+        while !matches!(body, Body::Length(0)) {
             if input.is_empty() && !matches!(stream.read_buf(&mut input).await, Ok(n) if n > 0) {
                 return;
             }
-            let Ok(n) = body.feed(&input) else {
+            let Some(n) = body.feed(&input) else {
                 return;
             };
             if let Ok(mut all) = record.lock() {
@@ -141,6 +145,41 @@ async fn memory_upstream(mut stream: DuplexStream, record: Recorded, answered: A
             .is_err()
         {
             return;
+        }
+    }
+}
+
+/// Where a forwarded request body ends, by keyhole's own framing rules.
+enum Body {
+    /// This many bytes to go; `Length(0)` once any body is complete.
+    Length(u64),
+    /// A chunked body, with what the upstream has taken of it so far.
+    Chunked(Vec<u8>),
+}
+
+impl Body {
+    /// Consumes a prefix of `input`; returns how many bytes it took, or
+    /// `None` if the framing is refused.
+    fn feed(&mut self, input: &[u8]) -> Option<usize> {
+        match self {
+            Body::Length(left) => {
+                let n = input
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= n as u64;
+                Some(n)
+            }
+            // Decoded again from the start: the same result as fed piece
+            // by piece (the `chunked_body` target checks that).
+            Body::Chunked(seen) => {
+                let (used, _, _, done) = fuzzing::decode_chunked(&[seen, input]).ok()?;
+                let n = used - seen.len();
+                seen.extend_from_slice(&input[..n]);
+                if done {
+                    *self = Body::Length(0);
+                }
+                Some(n)
+            }
         }
     }
 }
