@@ -20,11 +20,18 @@ use crate::route::constant_time_eq;
 pub(crate) struct Client {
     pub(crate) name: Arc<str>,
     digest: [u8; 32],
-    /// Registered by a clients file, so a reload may revoke it.
-    pub(crate) from_file: bool,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The registry; shared by every connection, changed at runtime.
+#[derive(Debug)]
 pub(crate) struct Clients {
     /// Requests must carry a registered key (even while none is).
     pub(crate) required: bool,
@@ -43,7 +50,10 @@ impl Clients {
     /// The name of the client whose key this is.
     pub(crate) fn lookup(&self, key: &[u8]) -> Option<Arc<str>> {
         let presented = sha256(key);
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut found = None;
         for client in entries.iter() {
             if constant_time_eq(&client.digest, &presented) {
@@ -54,9 +64,12 @@ impl Clients {
     }
 
     /// Registers `name` with `key`; fails if either is taken or invalid.
-    pub(crate) fn add(&self, name: &str, key: &Secret, from_file: bool) -> Result<(), Error> {
-        let client = entry(name, key, from_file)?;
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+    pub(crate) fn add(&self, name: &str, key: &Secret) -> Result<(), Error> {
+        let client = entry(name, key)?;
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         check_unique(&entries, &client)?;
         entries.push(client);
         Ok(())
@@ -64,34 +77,18 @@ impl Clients {
 
     /// Revokes `name`: once this returns, no lookup finds its key.
     pub(crate) fn remove(&self, name: &str) -> bool {
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = entries.len();
         entries.retain(|c| &*c.name != name);
         entries.len() != before
     }
-
-    /// Replaces every client a clients file registered with `fresh`
-    /// (validated already, see `validate_all`), keeping the others.
-    pub(crate) fn replace_file_clients(&self, fresh: Vec<Client>) -> Result<(), Error> {
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        let mut next: Vec<Client> = entries.iter().filter(|c| !c.from_file).cloned().collect();
-        for client in fresh {
-            check_unique(&next, &client)?;
-            next.push(client);
-        }
-        *entries = next;
-        Ok(())
-    }
-
-    /// The names registered now.
-    pub(crate) fn names(&self) -> Vec<Arc<str>> {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        entries.iter().map(|c| c.name.clone()).collect()
-    }
 }
 
 /// A client entry for `name` and `key`, both validated.
-pub(crate) fn entry(name: &str, key: &Secret, from_file: bool) -> Result<Client, Error> {
+fn entry(name: &str, key: &Secret) -> Result<Client, Error> {
     let valid_name = (1..=64).contains(&name.len())
         && (name.bytes()).all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !valid_name {
@@ -101,7 +98,6 @@ pub(crate) fn entry(name: &str, key: &Secret, from_file: bool) -> Result<Client,
     Ok(Client {
         name: name.into(),
         digest: sha256(key.expose()),
-        from_file,
     })
 }
 
@@ -165,8 +161,8 @@ mod tests {
     #[test]
     fn lookup_finds_only_registered_keys() {
         let clients = Clients::new(true);
-        clients.add("a", &Secret::new("key-a"), false).unwrap();
-        clients.add("b", &Secret::new("key-b"), false).unwrap();
+        clients.add("a", &Secret::new("key-a")).unwrap();
+        clients.add("b", &Secret::new("key-b")).unwrap();
         assert_eq!(clients.lookup(b"key-a").as_deref(), Some("a"));
         assert_eq!(clients.lookup(b"key-b").as_deref(), Some("b"));
         assert_eq!(clients.lookup(b"key-"), None);
@@ -180,40 +176,24 @@ mod tests {
     #[test]
     fn names_and_keys_are_unique_and_valid() {
         let clients = Clients::new(true);
-        clients.add("a", &Secret::new("k1"), false).unwrap();
+        clients.add("a", &Secret::new("k1")).unwrap();
         assert!(matches!(
-            clients.add("a", &Secret::new("k2"), false),
+            clients.add("a", &Secret::new("k2")),
             Err(Error::DuplicateClient(_))
         ));
         assert!(matches!(
-            clients.add("b", &Secret::new("k1"), false),
+            clients.add("b", &Secret::new("k1")),
             Err(Error::DuplicateClientKey(_))
         ));
         for bad in ["", "a b", "é", &"x".repeat(65)] {
             assert!(matches!(
-                clients.add(bad, &Secret::new("k3"), false),
+                clients.add(bad, &Secret::new("k3")),
                 Err(Error::BadClientName)
             ));
         }
-        assert!(clients.add(&"x".repeat(64), &Secret::new("k3"), false).is_ok());
-        assert!(clients.add("c", &Secret::new(""), false).is_err());
-        assert!(clients.add("c", &Secret::new("a\nb"), false).is_err());
-    }
-
-    #[test]
-    fn reload_replaces_only_file_clients() {
-        let clients = Clients::new(true);
-        clients.add("lib", &Secret::new("k-lib"), false).unwrap();
-        clients.add("old", &Secret::new("k-old"), true).unwrap();
-        let fresh = vec![entry("new", &Secret::new("k-new"), true).unwrap()];
-        clients.replace_file_clients(fresh).unwrap();
-        assert_eq!(clients.lookup(b"k-old"), None);
-        assert_eq!(clients.lookup(b"k-new").as_deref(), Some("new"));
-        assert_eq!(clients.lookup(b"k-lib").as_deref(), Some("lib"));
-        // A clash with a kept client changes nothing.
-        let clash = vec![entry("x", &Secret::new("k-lib"), true).unwrap()];
-        assert!(clients.replace_file_clients(clash).is_err());
-        assert_eq!(clients.lookup(b"k-new").as_deref(), Some("new"));
+        assert!(clients.add(&"x".repeat(64), &Secret::new("k3")).is_ok());
+        assert!(clients.add("c", &Secret::new("")).is_err());
+        assert!(clients.add("c", &Secret::new("a\nb")).is_err());
     }
 
     #[test]

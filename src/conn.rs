@@ -220,6 +220,7 @@ impl<S: ClientIo> Handler<'_, S> {
             Err(refusal) => return self.refuse(refusal).await,
         };
         self.record.route = forward.route();
+        self.record.client = forward.client().cloned();
         match self.exchange(&forward).await {
             Ok(next) => {
                 self.record.log(&shared.table, None);
@@ -267,7 +268,7 @@ impl<S: ClientIo> Handler<'_, S> {
     /// nothing was sent to the client yet and the refusal should be.
     async fn exchange(&mut self, forward: &Forward) -> Result<Next, Refusal> {
         let upstream = (self.shared.upstreams.get(forward.route()))
-            .ok_or(Refusal::BadGateway("no upstream"))?;
+            .ok_or(Refusal::Unreachable("no upstream"))?;
         let mut body = Reframer::new(forward.framing());
         let (mut conn, mut out) = self.send_request(upstream, forward, &mut body).await?;
         let response = self.await_response(&mut conn, forward, &mut body, &mut out);
@@ -428,7 +429,10 @@ impl<S: ClientIo> Handler<'_, S> {
         let limits = &self.shared.limits;
         self.record.status = response.status;
         if matches!(response.status, 401 | 403) {
-            upstream.key_refused(&self.shared.table.routes()[self.record.route], response.status);
+            upstream.key_refused(
+                &self.shared.table.routes()[self.record.route],
+                response.status,
+            );
         }
         let client_close =
             close || !response.request_complete || response.framing == Framing::UntilClose;
@@ -624,7 +628,11 @@ mod tests {
             let route = Route::new("/", "https://upstream.test")
                 .unwrap()
                 .header("x-api-key", Secret::new("injected-key"));
-            let table = RouteTable::new(vec![route], None, Vec::new());
+            let table = RouteTable::new(
+                vec![route],
+                Arc::new(crate::clients::Clients::new(false)),
+                Vec::new(),
+            );
             let wakeup = Arc::new(Wakeup::default());
             let connector = tls_connector(&[]).unwrap();
             let url = table.routes()[0].upstream.clone();

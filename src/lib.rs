@@ -87,6 +87,11 @@ mod upstream;
 #[doc(hidden)]
 pub mod fuzzing;
 
+/// The binary's JSON log escaper, here for its fuzz target only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod json;
+
 pub use config::{Limits, Route, Secret};
 pub use error::Error;
 pub use server::{Builder, Proxy, ProxyHandle};

@@ -172,7 +172,7 @@ impl Builder {
         let required = self.require_client_key || !self.clients.is_empty();
         let clients = Arc::new(Clients::new(required));
         for (name, key) in &self.clients {
-            clients.add(name, key, false)?;
+            clients.add(name, key)?;
         }
         let connector = upstream::tls_connector(&self.ca_pems)?;
         let table = RouteTable::new(self.routes, clients, self.allowed_hosts);
@@ -199,22 +199,21 @@ impl Builder {
         // keyhole's tasks carry the caller's span (a runner's
         // `info_span!("sandbox", id = …)` then labels keyhole's events).
         let span = tracing::Span::current();
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            shared.clone(),
-            phase_rx.clone(),
-            permits.clone(),
-        )
-        .instrument(span.clone()));
+        let accept = tokio::spawn(
+            accept_loop(listener, shared.clone(), phase_rx.clone(), permits.clone())
+                .instrument(span.clone()),
+        );
         let pool = shared.clone();
-        tokio::spawn(async move {
-            let max_age = pool.limits.pool_idle_timeout;
-            tokio::select! {
-                () = upstream::reap(&pool.upstreams, wakeup, max_age) => {}
-                () = conn::reached(phase_rx, Phase::Closing) => {}
+        tokio::spawn(
+            async move {
+                let max_age = pool.limits.pool_idle_timeout;
+                tokio::select! {
+                    () = upstream::reap(&pool.upstreams, wakeup, max_age) => {}
+                    () = conn::reached(phase_rx, Phase::Closing) => {}
+                }
             }
-        }
-        .instrument(span));
+            .instrument(span),
+        );
         Ok(ProxyHandle {
             local_addr,
             phase: phase_tx,
@@ -255,18 +254,19 @@ impl ProxyHandle {
     /// generator. Hand `expose_secret()` of it to the sandbox.
     pub fn add_client(&self, name: &str) -> Result<Secret, Error> {
         let key = crate::clients::generate_key()?;
-        self.add_client_key(name, key.clone())?;
+        self.add_client_key(name, &key)?;
         Ok(key)
     }
 
     /// Registers a client under `name` with a key of the caller's.
-    pub fn add_client_key(&self, name: &str, key: Secret) -> Result<(), Error> {
-        self.shared.table.clients().add(name, &key, false)
+    pub fn add_client_key(&self, name: &str, key: &Secret) -> Result<(), Error> {
+        self.shared.table.clients().add(name, key)
     }
 
     /// Revokes a client: once this returns, no request carrying its key is
     /// forwarded, also on connections already open; requests already
     /// forwarded finish. False if no client had that name.
+    #[allow(clippy::must_use_candidate)] // revoking is the point; the answer is optional
     pub fn remove_client(&self, name: &str) -> bool {
         self.shared.table.clients().remove(name)
     }

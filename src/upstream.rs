@@ -183,7 +183,7 @@ impl Upstream {
                 PumpError::SinkTimeout => {
                     Refusal::GatewayTimeout("upstream stopped reading the request")
                 }
-                _ => Refusal::BadGateway("upstream connection failed"),
+                _ => Refusal::Unreachable("upstream connection failed"),
             })?;
         Ok(conn)
     }
@@ -273,7 +273,7 @@ impl Upstream {
             .map_err(|_| Refusal::GatewayTimeout("upstream TLS handshake timed out"))?
             .map_err(|err| {
                 tracing::warn!(upstream = %self.url.authority, error = %err, "upstream TLS handshake failed");
-                Refusal::BadGateway("upstream TLS handshake failed")
+                Refusal::UpstreamTls
             })?;
         Ok(Connection::new(Box::new(tls)))
     }
@@ -281,7 +281,7 @@ impl Upstream {
     async fn connect_tcp(&self) -> Result<TcpStream, Refusal> {
         let addrs = tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
             .await
-            .map_err(|_| Refusal::BadGateway("upstream name did not resolve"))?;
+            .map_err(|_| Refusal::Unreachable("upstream name did not resolve"))?;
         let mut last = None;
         for addr in addrs {
             match TcpStream::connect(addr).await {
@@ -296,7 +296,7 @@ impl Upstream {
         if let Some(err) = last {
             tracing::warn!(upstream = %self.url.authority, error = %err, "upstream connect failed");
         }
-        Err(Refusal::BadGateway("upstream unreachable"))
+        Err(Refusal::Unreachable("upstream unreachable"))
     }
 }
 

@@ -234,12 +234,12 @@ async fn prints_listening_line_serves_a_route_and_exits_0_on_sigterm() {
     assert_eq!(lines.len(), 2, "{stderr}");
     let line = lines[0];
     assert!(
-        line.contains(" INFO GET /api/v1/models route=/api status=200 in=0 out=36 ms="),
+        line.contains(" INFO request client=- route=/api method=GET path=/api/v1/models status=200 bytes_in=0 bytes_out=36 duration_ms="),
         "{line}"
     );
     assert!(!line.contains("limit=2"), "the query was logged: {line}");
     assert!(
-        lines[1].contains(" INFO GET /elsewhere route=- status=404 "),
+        lines[1].contains(" INFO request client=- route=- method=GET path=/elsewhere status=404 "),
         "{}",
         lines[1]
     );
@@ -680,7 +680,9 @@ async fn defect7_log_lines_cannot_be_forged_by_an_upstream_certificate_name() {
         lines[0]
     );
     assert!(
-        stderr.contains(r#"  INFO GET /v1/a"b=c route=/ status=502 "#),
+        stderr.contains(
+            r#"  INFO request client=- route=/ method=GET path="/v1/a\"b=c" status=502 "#
+        ),
         "{stderr}"
     );
 }

@@ -22,8 +22,15 @@ async fn each_client_is_known_by_its_own_key() {
             .client("beta", Secret::new("key-beta"))
     })
     .await;
-    for (key, status) in [("key-alpha", 200), ("key-beta", 200), ("key-gamma", 401), ("key-alph", 401)] {
-        let res = request(proxy.local_addr(), &with_key(key, "/v1/x")).await.unwrap();
+    for (key, status) in [
+        ("key-alpha", 200),
+        ("key-beta", 200),
+        ("key-gamma", 401),
+        ("key-alph", 401),
+    ] {
+        let res = request(proxy.local_addr(), &with_key(key, "/v1/x"))
+            .await
+            .unwrap();
         assert_eq!(res.status, status, "{key}");
     }
     assert_eq!(upstream.received().len(), 2);
@@ -36,16 +43,21 @@ async fn each_client_is_known_by_its_own_key() {
 #[tokio::test]
 async fn generated_keys_work_at_once_and_revocation_is_immediate_on_open_connections() {
     let upstream = Upstream::start(|_| ok("in")).await;
-    let proxy = keyhole(&upstream, |b| b.require_client_key()).await;
+    let proxy = keyhole(&upstream, keyhole::Builder::require_client_key).await;
     // Required, none registered: everything is 401.
-    let res = request(proxy.local_addr(), &with_key("anything", "/v1/x")).await.unwrap();
+    let res = request(proxy.local_addr(), &with_key("anything", "/v1/x"))
+        .await
+        .unwrap();
     assert_eq!(res.status, 401);
     assert_eq!(res.header("keyhole-error").as_deref(), Some("client-key"));
     let alpha = proxy.add_client("alpha").unwrap();
     let beta = proxy.add_client("beta").unwrap();
     let alpha_key = alpha.expose_secret().to_owned();
     let beta_key = beta.expose_secret().to_owned();
-    assert!(alpha_key.starts_with("kh_") && alpha_key.len() == 46, "{alpha_key}");
+    assert!(
+        alpha_key.starts_with("kh_") && alpha_key.len() == 46,
+        "{alpha_key}"
+    );
     assert_ne!(alpha_key, beta_key);
     // Keep-alive connections opened before the revocation.
     let mut a = Client::connect(proxy.local_addr()).await;
@@ -90,7 +102,9 @@ async fn revocation_does_not_cut_a_stream_in_flight_of_another_client() {
     keep.send(&with_key("key-keep", "/v1/stream")).await;
     keep.read_until(b"first").await.unwrap();
     assert!(proxy.remove_client("gone"));
-    let res = request(proxy.local_addr(), &with_key("key-gone", "/v1/x")).await.unwrap();
+    let res = request(proxy.local_addr(), &with_key("key-gone", "/v1/x"))
+        .await
+        .unwrap();
     assert_eq!(res.status, 401);
     tx.send_replace(true);
     keep.read_until(b"0\r\n\r\n").await.unwrap();
@@ -100,12 +114,21 @@ async fn revocation_does_not_cut_a_stream_in_flight_of_another_client() {
 async fn client_names_and_keys_are_validated() {
     let upstream = Upstream::start(|_| ok("in")).await;
     let proxy = keyhole(&upstream, |b| b.client("alpha", Secret::new("key-alpha"))).await;
-    assert!(matches!(proxy.add_client("alpha"), Err(Error::DuplicateClient(_))));
+    assert!(matches!(
+        proxy.add_client("alpha"),
+        Err(Error::DuplicateClient(_))
+    ));
     assert!(proxy.add_client("bad name").is_err());
-    assert!(proxy.add_client_key("beta", Secret::new("key-alpha")).is_err());
-    assert!(proxy.add_client_key("beta", Secret::new("")).is_err());
-    proxy.add_client_key("beta", Secret::new("key-beta")).unwrap();
-    let res = request(proxy.local_addr(), &with_key("key-beta", "/")).await.unwrap();
+    assert!(proxy
+        .add_client_key("beta", &Secret::new("key-alpha"))
+        .is_err());
+    assert!(proxy.add_client_key("beta", &Secret::new("")).is_err());
+    proxy
+        .add_client_key("beta", &Secret::new("key-beta"))
+        .unwrap();
+    let res = request(proxy.local_addr(), &with_key("key-beta", "/"))
+        .await
+        .unwrap();
     assert_eq!(res.status, 200);
     let err = keyhole::Proxy::builder()
         .route(Route::new("/", &upstream.url("")).unwrap())
@@ -145,23 +168,33 @@ async fn allowlist_matches_the_upstream_path_after_rewrite() {
         ("POST", "/anthropic/v1/messages/", 403),
     ];
     for (method, path, status) in cases {
-        let bytes = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
-        );
+        let bytes =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
         let res = request(proxy.local_addr(), bytes.as_bytes()).await.unwrap();
         assert_eq!(res.status, status, "{method} {path}");
         if status == 403 {
             assert_eq!(res.header("keyhole-error").as_deref(), Some("not-allowed"));
         }
     }
-    assert_eq!(upstream.received().len(), 5, "a refused request reached the upstream");
+    assert_eq!(
+        upstream.received().len(),
+        5,
+        "a refused request reached the upstream"
+    );
 }
 
 #[tokio::test]
 async fn allow_patterns_are_validated_at_start() {
     let upstream = Upstream::start(|_| ok("in")).await;
-    for (method, pattern) in [("POST", "v1"), ("PO ST", "/v1"), ("GET", "/v1/*/x"), ("GET", "/v1*")] {
-        let route = Route::new("/", &upstream.url("")).unwrap().allow(method, pattern);
+    for (method, pattern) in [
+        ("POST", "v1"),
+        ("PO ST", "/v1"),
+        ("GET", "/v1/*/x"),
+        ("GET", "/v1*"),
+    ] {
+        let route = Route::new("/", &upstream.url(""))
+            .unwrap()
+            .allow(method, pattern);
         let result = keyhole::Proxy::builder().route(route).start().await;
         assert!(result.is_err(), "{method} {pattern}");
     }
@@ -190,10 +223,16 @@ async fn every_generated_response_carries_its_code() {
     for (bytes, status, code) in cases {
         let res = request(proxy.local_addr(), &bytes).await.unwrap();
         assert_eq!(res.status, status, "{code}");
-        assert_eq!(res.header("keyhole-error").as_deref(), Some(code), "{status}");
+        assert_eq!(
+            res.header("keyhole-error").as_deref(),
+            Some(code),
+            "{status}"
+        );
     }
     // An upstream's own keyhole-error is dropped.
-    let res = request(proxy.local_addr(), &with_key("key-a", "/")).await.unwrap();
+    let res = request(proxy.local_addr(), &with_key("key-a", "/"))
+        .await
+        .unwrap();
     assert_eq!(res.status, 200);
     assert_eq!(res.header("keyhole-error"), None);
     // 408, 404, 413 and the 5xx codes.
