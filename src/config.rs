@@ -66,6 +66,14 @@ impl Secret {
     pub(crate) fn expose(&self) -> &[u8] {
         &self.0
     }
+
+    /// The value as text, to hand to whoever must hold it (a client key
+    /// from `ProxyHandle::add_client`, for its sandbox). A `Secret` is
+    /// always UTF-8: it is made from a `String` or expanded from one.
+    #[must_use]
+    pub fn expose_secret(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -110,6 +118,63 @@ pub struct Route {
     pub(crate) upstream: UpstreamUrl,
     pub(crate) headers: Vec<(String, Secret)>,
     pub(crate) client_key: Option<Secret>,
+    /// What the route forwards, if it has an allowlist.
+    pub(crate) allows: Vec<Allow>,
+}
+
+/// One allowlist entry: a method (`None`: any) and an upstream path, or
+/// with `subtree` that path and every path below it (README "Allowlists").
+#[derive(Debug, Clone)]
+pub(crate) struct Allow {
+    entry: String,
+    method: Option<String>,
+    path: String,
+    subtree: bool,
+}
+
+impl Allow {
+    /// Parses `METHOD PATTERN`, for `Route::validate`.
+    fn parse(method: &str, pattern: &str) -> Allow {
+        let subtree = pattern.ends_with("/*");
+        Allow {
+            entry: format!("{method} {pattern}"),
+            method: Some(method.to_owned()).filter(|m| m != "*"),
+            path: pattern.strip_suffix("/*").unwrap_or(pattern).to_owned(),
+            subtree,
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad = |why| Err(Error::BadAllow(self.entry.clone(), why));
+        if self
+            .method
+            .as_ref()
+            .is_some_and(|m| !is_token(m.as_bytes()))
+        {
+            return bad("METHOD must be a method name or *");
+        }
+        if !(self.path.starts_with('/') || self.subtree && self.path.is_empty()) {
+            return bad("PATTERN must start with /");
+        }
+        if self
+            .path
+            .bytes()
+            .any(|b| b == b'*' || !(0x21..0x7f).contains(&b))
+        {
+            return bad("PATTERN may hold * only as a final /*, and no spaces or controls");
+        }
+        Ok(())
+    }
+
+    /// Does the request's method and upstream path (no query) match?
+    pub(crate) fn matches(&self, method: &str, path: &[u8]) -> bool {
+        let method_ok = self.method.as_ref().is_none_or(|m| m == method);
+        let path_ok = match path.strip_prefix(self.path.as_bytes()) {
+            Some(rest) => rest.is_empty() || (self.subtree && rest.starts_with(b"/")),
+            None => false,
+        };
+        method_ok && path_ok
+    }
 }
 
 impl fmt::Debug for Route {
@@ -120,6 +185,10 @@ impl fmt::Debug for Route {
             .field("upstream", &self.upstream.authority)
             .field("injected_headers", &names)
             .field("client_key", &self.client_key)
+            .field(
+                "allows",
+                &self.allows.iter().map(|a| &a.entry).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -133,6 +202,7 @@ impl Route {
             upstream: UpstreamUrl::parse(url)?,
             headers: Vec::new(),
             client_key: None,
+            allows: Vec::new(),
         })
     }
 
@@ -150,6 +220,17 @@ impl Route {
     #[must_use]
     pub fn client_key(mut self, key: Secret) -> Route {
         self.client_key = Some(key);
+        self
+    }
+
+    /// Adds an allowlist entry: once a route has one, it forwards only
+    /// requests that match one (else 403). `method` is a method name or `*`;
+    /// `pattern` an upstream path (after the route's rewrite, without the
+    /// query), matched exactly, or, ending in `/*`, that path and every path
+    /// below it. Checked when the proxy starts.
+    #[must_use]
+    pub fn allow(mut self, method: &str, pattern: &str) -> Route {
+        self.allows.push(Allow::parse(method, pattern));
         self
     }
 
@@ -177,7 +258,7 @@ impl Route {
         if let Some(key) = &self.client_key {
             check_value(key, "client key")?;
         }
-        Ok(())
+        self.allows.iter().try_for_each(Allow::validate)
     }
 }
 

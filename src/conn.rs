@@ -17,7 +17,7 @@ use crate::body::{BodyError, Reframer};
 use crate::config::{Limits, DEFAULT_MAX_HEAD_BYTES, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
 use crate::head::{self, Framing, Side, MAX_INTERIM_RESPONSES};
-use crate::record::Record;
+use crate::record::{self, Record};
 use crate::relay::{self, HeadError, InBuf, PooledBuf, PumpError};
 use crate::route::{Forward, RouteTable};
 use crate::upstream::{Connection, Upstream};
@@ -220,6 +220,7 @@ impl<S: ClientIo> Handler<'_, S> {
             Err(refusal) => return self.refuse(refusal).await,
         };
         self.record.route = forward.route();
+        self.record.client = forward.client().cloned();
         match self.exchange(&forward).await {
             Ok(next) => {
                 self.record.log(&shared.table, None);
@@ -234,7 +235,8 @@ impl<S: ClientIo> Handler<'_, S> {
     async fn refuse(&mut self, refusal: Refusal) -> Next {
         self.record.status = refusal.status();
         self.record.ended = None;
-        self.record.log(&self.shared.table, Some(refusal.reason()));
+        let error = (refusal.code(), refusal.reason());
+        self.record.log(&self.shared.table, Some(error));
         let sent = timeout(LINGER, self.stream.write_all(&refusal.response())).await;
         if matches!(sent, Ok(Ok(()))) {
             Next::Linger
@@ -266,7 +268,7 @@ impl<S: ClientIo> Handler<'_, S> {
     /// nothing was sent to the client yet and the refusal should be.
     async fn exchange(&mut self, forward: &Forward) -> Result<Next, Refusal> {
         let upstream = (self.shared.upstreams.get(forward.route()))
-            .ok_or(Refusal::BadGateway("no upstream"))?;
+            .ok_or(Refusal::Unreachable("no upstream"))?;
         let mut body = Reframer::new(forward.framing());
         let (mut conn, mut out) = self.send_request(upstream, forward, &mut body).await?;
         let response = self.await_response(&mut conn, forward, &mut body, &mut out);
@@ -345,11 +347,13 @@ impl<S: ClientIo> Handler<'_, S> {
             } else {
                 Instant::now()
             };
-            let head = read_final_head(&mut conn.stream, forward.is_head());
+            let id = std::mem::take(&mut self.record.request_id);
+            let head = read_final_head(&mut conn.stream, forward.is_head(), id);
             return self.await_head(sent_at, head).await.map(Some);
         }
         let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
-        let mut head = pin!(read_final_head(&mut reader, forward.is_head()));
+        let id = std::mem::take(&mut self.record.request_id);
+        let mut head = pin!(read_final_head(&mut reader, forward.is_head(), id));
         let pump = relay::pump(
             &mut self.stream,
             &mut self.input,
@@ -400,7 +404,14 @@ impl<S: ClientIo> Handler<'_, S> {
         let limits = &self.shared.limits;
         let (wait, step) = (limits.upstream_timeout, limits.idle_timeout);
         let response = relay::timeout_in_steps(self.timer.as_mut(), sent_at, wait, step, head);
-        response.await.ok_or(UPSTREAM_TIMEOUT)?
+        let mut response = response.await.ok_or(UPSTREAM_TIMEOUT)??;
+        self.record.request_id = std::mem::take(&mut response.request_id);
+        // A clock read only for a log line that will be written.
+        if tracing::enabled!(target: "keyhole::request", tracing::Level::INFO) {
+            let upstream = sent_at.elapsed().as_millis();
+            self.record.upstream_ms = Some(u64::try_from(upstream).unwrap_or(u64::MAX));
+        }
+        Ok(response)
     }
 
     /// Relays the response head and body. From here on the client has (or
@@ -417,6 +428,12 @@ impl<S: ClientIo> Handler<'_, S> {
     ) -> Result<Next, Refusal> {
         let limits = &self.shared.limits;
         self.record.status = response.status;
+        if matches!(response.status, 401 | 403) {
+            upstream.key_refused(
+                &self.shared.table.routes()[self.record.route],
+                response.status,
+            );
+        }
         let client_close =
             close || !response.request_complete || response.framing == Framing::UntilClose;
         let out = &mut response.head;
@@ -488,12 +505,19 @@ struct Response {
     close: bool,
     /// The whole request body reached the upstream before it answered.
     request_complete: bool,
+    /// The response's `request-id` or `x-request-id`, for the log (the
+    /// record's buffer, lent).
+    request_id: String,
 }
 
 /// Reads response heads until a final one: interim 1xx are swallowed, at
 /// most `MAX_INTERIM_RESPONSES` (RFC 9110 §15.2; keyhole sends its own 100
 /// Continue).
-async fn read_final_head<R>(reader: &mut R, is_head: bool) -> Result<Response, Refusal>
+async fn read_final_head<R>(
+    reader: &mut R,
+    is_head: bool,
+    mut request_id: String,
+) -> Result<Response, Refusal>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
@@ -522,6 +546,12 @@ where
         // buffer, to leave in the same write.
         let mut head = PooledBuf::take();
         head::write_response_head(&mut head, &res);
+        let id_field = |h: &&httparse::Header<'_>| {
+            h.name.eq_ignore_ascii_case("request-id") || h.name.eq_ignore_ascii_case("x-request-id")
+        };
+        if let Some(id) = res.headers.iter().find(id_field) {
+            record::keep_request_id(&mut request_id, id.value);
+        }
         let (status, framing, close) = (res.status, res.framing, res.close);
         input.consume(head_len);
         return Ok(Response {
@@ -531,6 +561,7 @@ where
             framing,
             close,
             request_complete: true,
+            request_id,
         });
     }
     Err(Refusal::BadGateway("too many interim responses"))
@@ -597,7 +628,11 @@ mod tests {
             let route = Route::new("/", "https://upstream.test")
                 .unwrap()
                 .header("x-api-key", Secret::new("injected-key"));
-            let table = RouteTable::new(vec![route], None, Vec::new());
+            let table = RouteTable::new(
+                vec![route],
+                Arc::new(crate::clients::Clients::new(false)),
+                Vec::new(),
+            );
             let wakeup = Arc::new(Wakeup::default());
             let connector = tls_connector(&[]).unwrap();
             let url = table.routes()[0].upstream.clone();

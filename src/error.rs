@@ -14,8 +14,12 @@ pub(crate) enum Refusal {
     BadRequest(&'static str),
     /// 401: missing or wrong client key.
     Unauthorized,
-    /// 403: browser origin or foreign `Host`.
-    Forbidden(&'static str),
+    /// 403: a browser's request (`Origin`, `Sec-Fetch-Site`).
+    Browser,
+    /// 403: a `Host` that is not a local name.
+    ForeignHost,
+    /// 403: the route's allowlist does not list this method and path.
+    NotAllowed,
     /// 404: no route matches.
     NotFound,
     /// 405: `TRACE` would echo the injected key.
@@ -28,8 +32,12 @@ pub(crate) enum Refusal {
     ExpectationFailed,
     /// 431: request head over the size or line limit.
     HeadTooLarge,
-    /// 502: upstream unreachable, TLS failure or malformed response.
+    /// 502: the upstream's response broke a rule, or it closed without one.
     BadGateway(&'static str),
+    /// 502: no connection to the upstream (DNS, TCP).
+    Unreachable(&'static str),
+    /// 502: the TLS handshake with the upstream failed.
+    UpstreamTls,
     /// 503: connection limit reached.
     Unavailable,
     /// 504: upstream timed out.
@@ -42,55 +50,94 @@ impl Refusal {
     /// The status code this refusal is answered with, its reason phrase,
     /// and the fixed reason text sent as the body and logged: one row per
     /// variant.
-    fn answer(self) -> (u16, &'static str, &'static str) {
+    fn answer(self) -> (u16, &'static str, &'static str, &'static str) {
         match self {
-            Refusal::BadRequest(why) => (400, "Bad Request", why),
-            Refusal::Unauthorized => (401, "Unauthorized", "missing or wrong client key"),
-            Refusal::Forbidden(why) => (403, "Forbidden", why),
-            Refusal::NotFound => (404, "Not Found", "no route matches this path"),
-            Refusal::MethodNotAllowed => (405, "Method Not Allowed", "TRACE is not allowed"),
-            Refusal::RequestTimeout => (408, "Request Timeout", "request not received in time"),
+            Refusal::BadRequest(why) => (400, "bad-request", "Bad Request", why),
+            Refusal::Unauthorized => (
+                401,
+                "client-key",
+                "Unauthorized",
+                "missing or wrong client key",
+            ),
+            Refusal::Browser => (403, "browser", "Forbidden", "browser requests are refused"),
+            Refusal::ForeignHost => (403, "host", "Forbidden", "Host is not a local name"),
+            Refusal::NotAllowed => (
+                403,
+                "not-allowed",
+                "Forbidden",
+                "this method and path are not on the route's allowlist",
+            ),
+            Refusal::NotFound => (404, "no-route", "Not Found", "no route matches this path"),
+            Refusal::MethodNotAllowed => {
+                (405, "method", "Method Not Allowed", "TRACE is not allowed")
+            }
+            Refusal::RequestTimeout => (
+                408,
+                "request-timeout",
+                "Request Timeout",
+                "request not received in time",
+            ),
             Refusal::PayloadTooLarge => (
                 413,
+                "body-too-large",
                 "Content Too Large",
                 "request body over the configured limit",
             ),
             Refusal::ExpectationFailed => (
                 417,
+                "expectation",
                 "Expectation Failed",
                 "only Expect: 100-continue is supported",
             ),
             Refusal::HeadTooLarge => (
                 431,
+                "head-too-large",
                 "Request Header Fields Too Large",
                 "request head too large",
             ),
-            Refusal::BadGateway(why) => (502, "Bad Gateway", why),
-            Refusal::Unavailable => (503, "Service Unavailable", "too many connections"),
-            Refusal::GatewayTimeout(why) => (504, "Gateway Timeout", why),
+            Refusal::BadGateway(why) => (502, "upstream-malformed", "Bad Gateway", why),
+            Refusal::Unreachable(why) => (502, "upstream-unreachable", "Bad Gateway", why),
+            Refusal::UpstreamTls => (
+                502,
+                "upstream-tls",
+                "Bad Gateway",
+                "upstream TLS handshake failed",
+            ),
+            Refusal::Unavailable => (
+                503,
+                "overloaded",
+                "Service Unavailable",
+                "too many connections",
+            ),
+            Refusal::GatewayTimeout(why) => (504, "upstream-timeout", "Gateway Timeout", why),
             Refusal::VersionNotSupported => (
                 505,
+                "version",
                 "HTTP Version Not Supported",
                 "only HTTP/1.1 is supported",
             ),
         }
     }
 
-    /// The status code this refusal is answered with.
     pub(crate) fn status(self) -> u16 {
         self.answer().0
     }
 
     /// The fixed reason text sent as the body and logged.
     pub(crate) fn reason(self) -> &'static str {
-        self.answer().2
+        self.answer().3
+    }
+
+    /// The `keyhole-error` code (README "Responses keyhole makes itself").
+    pub(crate) fn code(self) -> &'static str {
+        self.answer().1
     }
 
     /// The whole response: status line, fixed headers, the reason as body.
     pub(crate) fn response(self) -> Vec<u8> {
-        let (status, phrase, body) = self.answer();
+        let (status, code, phrase, body) = self.answer();
         format!(
-            "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}\n",
+            "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\nkeyhole-error: {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}\n",
             body.len() + 1,
         )
         .into_bytes()
@@ -130,6 +177,16 @@ pub enum Error {
     BadCertificate(&'static str),
     /// Binding the listening socket at this address failed.
     Bind(std::net::SocketAddr, std::io::Error),
+    /// A client name that is not 1–64 bytes of `A-Z a-z 0-9 . _ -`.
+    BadClientName,
+    /// Two clients with this name.
+    DuplicateClient(String),
+    /// This client's key is another client's too.
+    DuplicateClientKey(String),
+    /// An allowlist entry (`METHOD PATTERN`) that is not valid, and why.
+    BadAllow(String, &'static str),
+    /// The operating system's random generator failed.
+    Random,
 }
 
 impl fmt::Display for Error {
@@ -156,6 +213,15 @@ impl fmt::Display for Error {
             Error::NoRoutes => f.write_str("no route configured (add one with Builder::route)"),
             Error::BadCertificate(why) => write!(f, "extra CA certificates: {why}"),
             Error::Bind(addr, err) => write!(f, "cannot listen on {addr}: {err}"),
+            Error::BadClientName => {
+                f.write_str("a client name must be 1 to 64 bytes of A-Z a-z 0-9 . _ -")
+            }
+            Error::DuplicateClient(name) => write!(f, "client {name:?} is registered twice"),
+            Error::DuplicateClientKey(name) => {
+                write!(f, "client {name:?} has the key of another client")
+            }
+            Error::BadAllow(entry, why) => write!(f, "allowlist entry {entry:?}: {why}"),
+            Error::Random => f.write_str("the operating system's random generator failed"),
         }
     }
 }

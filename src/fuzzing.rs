@@ -70,7 +70,11 @@ fn fuzz_table() -> Option<crate::route::RouteTable> {
                 crate::Secret::new(format!("Bearer {FUZZ_KEY}")),
             ),
     ];
-    Some(crate::route::RouteTable::new(routes, None, Vec::new()))
+    Some(crate::route::RouteTable::new(
+        routes,
+        std::sync::Arc::new(crate::clients::Clients::new(false)),
+        Vec::new(),
+    ))
 }
 
 /// The value the fuzz route table injects.

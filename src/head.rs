@@ -724,7 +724,9 @@ pub(crate) fn write_response_head(out: &mut Vec<u8>, res: &ResponseHead<'_, '_>)
     }
     let nominates = nominates_others(res.headers);
     for h in res.headers {
-        if !(is_hop_by_hop(h.name) || (nominates && is_nominated(res.headers, h.name))) {
+        // keyhole's own `keyhole-error` marks only its own answers.
+        let own = h.name.eq_ignore_ascii_case("keyhole-error");
+        if !(own || is_hop_by_hop(h.name) || (nominates && is_nominated(res.headers, h.name))) {
             push_field(out, h.name.as_bytes(), trim(h.value));
         }
     }

@@ -72,6 +72,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod clients;
 mod config;
 mod conn;
 mod error;
@@ -85,6 +86,11 @@ mod upstream;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+
+/// The binary's JSON log escaper, here for its fuzz target only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod json;
 
 pub use config::{Limits, Route, Secret};
 pub use error::Error;

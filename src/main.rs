@@ -17,12 +17,15 @@ use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
 use tracing::span;
 
+mod json;
+
 const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client-key VALUE]
+               [--client NAME=VALUE]... [--require-client-key] [--log-format text|json]
                [--allow-host NAME]... [--upstream-timeout SECS] [--idle-timeout SECS]
                [--head-timeout SECS] [--drain-timeout SECS] [--connect-timeout SECS]
                [--max-connections N] [--max-body-bytes N] [--max-head-bytes N]
                [--max-headers N] [--threads N] [--log-level LEVEL]
-               (--route PREFIX=URL [--header NAME=VALUE]...)...
+               (--route PREFIX=URL [--header NAME=VALUE]... [--allow 'METHOD PATTERN']...)...
        keyhole --version
 `${VAR}` in a header value or client key is read from the environment.
 With no --route and ANTHROPIC_API_KEY set:
@@ -32,12 +35,14 @@ With no --route and ANTHROPIC_API_KEY set:
 struct Cli {
     listen: SocketAddr,
     routes: Vec<CliRoute>,
-    client_key: Option<Secret>,
+    clients: Vec<(String, Secret)>,
+    require_client_key: bool,
     allow_hosts: Vec<String>,
     ca_files: Vec<String>,
     limits: Limits,
     threads: Option<usize>,
     log_level: tracing::Level,
+    log_json: bool,
 }
 
 /// A route, with what its start-up line shows: the prefix and URL, and the
@@ -78,6 +83,14 @@ impl CliRoute {
         self.names.push(lower);
         Ok(self)
     }
+
+    /// `--allow 'METHOD PATTERN'`.
+    fn allow(mut self, arg: &str) -> Result<CliRoute, String> {
+        let (method, pattern) = (arg.split_once(' '))
+            .ok_or_else(|| format!("--allow {arg:?}: expected 'METHOD PATTERN'"))?;
+        self.route = self.route.allow(method, pattern.trim_start());
+        Ok(self)
+    }
 }
 
 fn main() -> ExitCode {
@@ -91,6 +104,7 @@ fn main() -> ExitCode {
     let subscriber = LogLines {
         max_level: cli.log_level,
         log: log.clone(),
+        json: cli.log_json,
     };
     if tracing::subscriber::set_global_default(subscriber).is_err() {
         return fail("cannot set up logging", 1);
@@ -132,6 +146,8 @@ fn fail(why: impl std::fmt::Display, code: u8) -> ExitCode {
 struct LogLines {
     max_level: tracing::Level,
     log: Log,
+    /// `--log-format json`: one JSON object per line instead.
+    json: bool,
 }
 
 impl tracing::Subscriber for LogLines {
@@ -155,15 +171,28 @@ impl tracing::Subscriber for LogLines {
         let Ok(mut sink) = self.log.0.lock() else {
             return;
         };
-        let Sink { out, scratch } = &mut *sink;
+        let Sink { out, scratch, line } = &mut *sink;
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => " ERROR",
+            tracing::Level::WARN => "  WARN",
+            tracing::Level::INFO => "  INFO",
+            tracing::Level::DEBUG => " DEBUG",
+            tracing::Level::TRACE => " TRACE",
+        };
+        if self.json {
+            line.clear();
+            line.extend_from_slice(b"{\"ts\":\"");
+            line.extend_from_slice(&timestamp());
+            line.extend_from_slice(b"\",\"level\":\"");
+            line.extend_from_slice(level.trim_start().as_bytes());
+            line.push(b'"');
+            event.record(&mut JsonFields { line, scratch });
+            line.extend_from_slice(b"}\n");
+            let _ = out.write_all(line);
+            return;
+        }
         let _ = out.write_all(&timestamp());
-        let _ = out.write_all(match *event.metadata().level() {
-            tracing::Level::ERROR => b" ERROR",
-            tracing::Level::WARN => b"  WARN",
-            tracing::Level::INFO => b"  INFO",
-            tracing::Level::DEBUG => b" DEBUG",
-            tracing::Level::TRACE => b" TRACE",
-        });
+        let _ = out.write_all(level.as_bytes());
         event.record(&mut Fields { out, scratch });
         let _ = out.write_all(b"\n");
     }
@@ -210,11 +239,73 @@ impl Visit for Fields<'_> {
         write_field(self.out, field.name(), value);
     }
 
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        let _ = write!(self.out, " {}={value}", field.name());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        let _ = write!(self.out, " {}={value}", field.name());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        let _ = write!(self.out, " {}={value}", field.name());
+    }
+
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.scratch.clear();
         self.scratch.shrink_to(1024); // a rare long value does not keep its allocation
         let _ = write!(self.scratch, "{value:?}");
         write_field(self.out, field.name(), self.scratch);
+    }
+}
+
+/// Writes an event's fields as JSON members (`message` as `msg`): numbers
+/// and booleans as JSON numbers and literals, everything else as strings.
+struct JsonFields<'a> {
+    line: &'a mut Vec<u8>,
+    scratch: &'a mut String,
+}
+
+impl JsonFields<'_> {
+    fn name(&mut self, field: &Field) {
+        let name = if field.name() == "message" {
+            "msg"
+        } else {
+            field.name()
+        };
+        self.line.extend_from_slice(b",\"");
+        self.line.extend_from_slice(name.as_bytes());
+        self.line.extend_from_slice(b"\":");
+    }
+}
+
+impl Visit for JsonFields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.name(field);
+        json::write_string(self.line, value);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.name(field);
+        let _ = write!(self.line, "{value}");
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.name(field);
+        let _ = write!(self.line, "{value}");
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.name(field);
+        let _ = write!(self.line, "{value}");
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.scratch.clear();
+        self.scratch.shrink_to(1024);
+        let _ = write!(self.scratch, "{value:?}");
+        self.name(field);
+        json::write_string(self.line, self.scratch);
     }
 }
 
@@ -280,10 +371,12 @@ const LOG_FLUSH: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 struct Log(Arc<Mutex<Sink>>);
 
-/// What the log's lock guards: the buffered lines and `Fields`' scratch.
+/// What the log's lock guards: the buffered lines, `Fields`' scratch and
+/// the JSON line being built.
 struct Sink {
     out: BufWriter<Box<dyn Write + Send>>,
     scratch: String,
+    line: Vec<u8>,
 }
 
 impl Log {
@@ -291,6 +384,7 @@ impl Log {
         Log(Arc::new(Mutex::new(Sink {
             out: BufWriter::with_capacity(64 * 1024, out),
             scratch: String::new(),
+            line: Vec::new(),
         })))
     }
 
@@ -316,8 +410,11 @@ async fn run(cli: Cli) -> ExitCode {
         builder = builder.route(r.route);
         shown.push((r.prefix, r.url, r.names.join(",")));
     }
-    if let Some(key) = cli.client_key {
-        builder = builder.client_key(key);
+    for (name, key) in cli.clients {
+        builder = builder.client(&name, key);
+    }
+    if cli.require_client_key {
+        builder = builder.require_client_key();
     }
     for host in &cli.allow_hosts {
         builder = builder.allow_host(host);
@@ -366,12 +463,14 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
     let mut cli = Cli {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         routes: Vec::new(),
-        client_key: None,
+        clients: Vec::new(),
+        require_client_key: false,
         allow_hosts: Vec::new(),
         ca_files: Vec::new(),
         limits: Limits::default(),
         threads: None,
         log_level: tracing::Level::INFO,
+        log_json: false,
     };
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -398,7 +497,29 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
                 let route = cli.routes.pop().ok_or("--header must follow a --route")?;
                 cli.routes.push(route.header(&value()?)?);
             }
-            "--client-key" => cli.client_key = Some(secret("--client-key", &value()?)?),
+            "--client-key" => {
+                let key = secret("--client-key", &value()?)?;
+                cli.clients.push(("default".to_owned(), key));
+            }
+            "--client" => {
+                let arg = value()?;
+                let (name, template) =
+                    arg.split_once('=').ok_or("--client: expected NAME=VALUE")?;
+                let key = secret(&format!("--client {name}"), template)?;
+                cli.clients.push((name.to_owned(), key));
+            }
+            "--require-client-key" => cli.require_client_key = true,
+            "--allow" => {
+                let route = cli.routes.pop().ok_or("--allow must follow a --route")?;
+                cli.routes.push(route.allow(&value()?)?);
+            }
+            "--log-format" => {
+                cli.log_json = match value()?.as_str() {
+                    "text" => false,
+                    "json" => true,
+                    other => return Err(format!("--log-format {other}: expected text or json")),
+                };
+            }
             "--allow-host" => cli.allow_hosts.push(value()?),
             "--ca-file" => cli.ca_files.push(value()?),
             "--upstream-timeout" => cli.limits.upstream_timeout = seconds(&flag, &value()?)?,
@@ -539,6 +660,7 @@ mod tests {
         let subscriber = LogLines {
             max_level: tracing::Level::INFO,
             log: log.clone(),
+            json: false,
         };
         tracing::subscriber::with_default(subscriber, || {
             let err = "a\nINFO forged";

@@ -5,9 +5,12 @@
 //! and builds a `Forward`, whose fields are private: the upstream writer takes
 //! nothing else, so an unrewritten head cannot reach an upstream.
 
+use std::sync::Arc;
+
 use zeroize::Zeroize;
 
-use crate::config::{Route, Secret};
+use crate::clients::Clients;
+use crate::config::Route;
 use crate::error::Refusal;
 use crate::head::{self, Expect, Framing, RequestHead};
 
@@ -15,7 +18,7 @@ use crate::head::{self, Expect, Framing, RequestHead};
 #[derive(Debug)]
 pub(crate) struct RouteTable {
     routes: Vec<Route>,
-    client_key: Option<Secret>,
+    clients: Arc<Clients>,
     allowed_hosts: Vec<String>,
 }
 
@@ -23,6 +26,8 @@ pub(crate) struct RouteTable {
 /// `RouteTable::forward` builds one, and `Upstream::send` takes nothing else.
 pub(crate) struct Forward {
     route: usize,
+    /// The client whose key the request carried, when keys are required.
+    client: Option<Arc<str>>,
     /// The upstream head, which holds injected secrets: reserved exactly
     /// once so it never reallocates (a reallocation would free a copy of
     /// the key unzeroed), and zeroed on drop.
@@ -58,6 +63,10 @@ impl Forward {
     pub(crate) fn head(&self) -> &[u8] {
         &self.head
     }
+    /// The client whose key the request carried, when keys are required.
+    pub(crate) fn client(&self) -> Option<&Arc<str>> {
+        self.client.as_ref()
+    }
     /// The request body's framing.
     pub(crate) fn framing(&self) -> Framing {
         self.framing
@@ -80,15 +89,20 @@ impl RouteTable {
     /// Builds the table; routes are matched longest prefix first.
     pub(crate) fn new(
         mut routes: Vec<Route>,
-        client_key: Option<Secret>,
+        clients: Arc<Clients>,
         allowed_hosts: Vec<String>,
     ) -> RouteTable {
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         RouteTable {
             routes,
-            client_key,
+            clients,
             allowed_hosts,
         }
+    }
+
+    /// The client registry every connection checks keys against.
+    pub(crate) fn clients(&self) -> &Clients {
+        &self.clients
     }
 
     /// The routes in match order (index = `Forward::route`).
@@ -111,20 +125,20 @@ impl RouteTable {
         // A web page in the host's browser, or DNS rebinding
         // (docs/strict-profile.md, "Browser and DNS-rebinding defence").
         if req.browser {
-            return Err(Refusal::Forbidden("browser requests are refused"));
+            return Err(Refusal::Browser);
         }
         if !head::host_is_local(req.host, &self.allowed_hosts) {
-            return Err(Refusal::Forbidden("Host is not a local name"));
+            return Err(Refusal::ForeignHost);
         }
         // TRACE would reflect the injected key (RFC 9110 §9.3.8).
         if req.trace {
             return Err(Refusal::MethodNotAllowed);
         }
-        if let Some(key) = &self.client_key {
-            if !carries_client_key(req.headers, key.expose()) {
-                return Err(Refusal::Unauthorized);
-            }
-        }
+        let client = if self.clients.required {
+            Some(identify(req.headers, &self.clients).ok_or(Refusal::Unauthorized)?)
+        } else {
+            None
+        };
         // Longest prefix on a segment boundary, case-sensitive
         // (docs/strict-profile.md, "Path safety").
         let index = self
@@ -137,6 +151,9 @@ impl RouteTable {
             if !carries_client_key(req.headers, key.expose()) {
                 return Err(Refusal::Unauthorized);
             }
+        }
+        if !route.allows.is_empty() && !allowed(req, route) {
+            return Err(Refusal::NotAllowed);
         }
         let framing = req.framing?;
         if req.expect == Expect::Other {
@@ -158,6 +175,7 @@ impl RouteTable {
         }
         Ok(Forward {
             route: index,
+            client,
             head: rewrite(req, route, framing),
             framing,
             expect_continue: req.expect == Expect::Continue && framing != Framing::Empty,
@@ -245,31 +263,65 @@ fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8
     out
 }
 
-/// Does the request carry the client key? Every `x-api-key` and every
-/// `authorization` field must carry it (as `Bearer KEY`), and at least one
-/// must be there: two credentials that disagree are refused, not guessed
-/// between (which one a server would read is exactly the ambiguity a
-/// sandbox could exploit). Every field is compared, so timing does not
-/// reveal which one failed.
+/// The credentials a request carries: every `x-api-key` value and every
+/// `authorization` value (its `Bearer` token; another scheme counts as an
+/// empty key, which matches none).
+fn credentials<'a>(headers: &'a [httparse::Header<'a>]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers.iter().filter_map(|h| {
+        let value = head::trim(h.value);
+        if h.name.eq_ignore_ascii_case("x-api-key") {
+            Some(value)
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            Some(match value.get(..7) {
+                Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => head::trim(&value[7..]),
+                _ => b"",
+            })
+        } else {
+            None
+        }
+    })
+}
+
+/// Does the request carry the route's client key? Every credential must
+/// carry it, and at least one must be there: two credentials that disagree
+/// are refused, not guessed between (which one a server would read is
+/// exactly the ambiguity a sandbox could exploit). Every one is compared,
+/// so timing does not reveal which one failed.
 fn carries_client_key(headers: &[httparse::Header<'_>], key: &[u8]) -> bool {
     let mut seen = false;
     let mut all_match = true;
-    for h in headers {
-        let value = head::trim(h.value);
-        let candidate = if h.name.eq_ignore_ascii_case("x-api-key") {
-            value
-        } else if h.name.eq_ignore_ascii_case("authorization") {
-            match value.get(..7) {
-                Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => head::trim(&value[7..]),
-                _ => b"",
-            }
-        } else {
-            continue;
-        };
+    for candidate in credentials(headers) {
         seen = true;
         all_match &= constant_time_eq(candidate, key);
     }
     seen && all_match
+}
+
+/// The registered client whose key the request carries, by the same rule:
+/// every credential must carry the same registered key.
+fn identify(headers: &[httparse::Header<'_>], clients: &Clients) -> Option<Arc<str>> {
+    let mut found: Option<Arc<str>> = None;
+    let mut all_match = true;
+    for candidate in credentials(headers) {
+        match (clients.lookup(candidate), &found) {
+            (Some(name), Some(first)) => all_match &= name == *first,
+            (Some(name), None) => found = Some(name),
+            (None, _) => all_match = false,
+        }
+    }
+    found.filter(|_| all_match)
+}
+
+/// Is the request on the route's allowlist? Entries match the upstream
+/// path after the rewrite, without the query (README "Allowlists").
+fn allowed(req: &RequestHead<'_, '_>, route: &Route) -> bool {
+    let mut path = Vec::with_capacity(route.upstream.path.len() + req.target.len());
+    push_target(&mut path, req, route);
+    let path = &path[..path.len() - (req.target.len() - req.path_len)];
+    route
+        .allows
+        .iter()
+        .any(|allow| allow.matches(req.method, path))
 }
 
 /// Compares without an early exit: the time depends on the lengths only.
@@ -286,6 +338,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
     use crate::head::{header_array, parse_request};
 
     fn table(key: Option<&str>) -> RouteTable {
@@ -298,7 +351,11 @@ mod tests {
                 .header("Authorization", Secret::new("Bearer OAI")),
             Route::new("/openai/files", "https://files.example/").unwrap(),
         ];
-        RouteTable::new(routes, key.map(Secret::new), vec!["allowed.example".into()])
+        let clients = Clients::new(key.is_some());
+        if let Some(key) = key {
+            clients.add("default", &Secret::new(key)).unwrap();
+        }
+        RouteTable::new(routes, Arc::new(clients), vec!["allowed.example".into()])
     }
 
     fn forward(table: &RouteTable, req: &str) -> Result<(String, String), Refusal> {
@@ -356,16 +413,13 @@ mod tests {
             )
             .map(|_| ())
         };
-        assert_eq!(
-            req("Origin: http://evil\r\n", "/"),
-            Err(Refusal::Forbidden("browser requests are refused"))
-        );
+        assert_eq!(req("Origin: http://evil\r\n", "/"), Err(Refusal::Browser));
         assert!(matches!(
             forward(
                 &t,
                 "GET / HTTP/1.1\r\nHost: evil.example\r\nx-api-key: placeholder\r\n\r\n"
             ),
-            Err(Refusal::Forbidden(_))
+            Err(Refusal::ForeignHost)
         ));
         assert!(forward(
             &t,
@@ -416,7 +470,11 @@ mod tests {
             ),
             Ok(())
         );
-        let only = RouteTable::new(vec![Route::new("/a", "https://h").unwrap()], None, vec![]);
+        let only = RouteTable::new(
+            vec![Route::new("/a", "https://h").unwrap()],
+            Arc::new(Clients::new(false)),
+            vec![],
+        );
         assert_eq!(
             forward(&only, "GET /b HTTP/1.1\r\nHost: localhost\r\n\r\n").map(|_| ()),
             Err(Refusal::NotFound)
@@ -431,7 +489,7 @@ mod tests {
                 .client_key(Secret::new("key-a")),
             Route::new("/b", "https://b.example").unwrap(),
         ];
-        let t = RouteTable::new(routes, None, vec![]);
+        let t = RouteTable::new(routes, Arc::new(Clients::new(false)), vec![]);
         let go = |path: &str, key: &str| {
             forward(
                 &t,

@@ -9,7 +9,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
+use crate::clients::Clients;
 use crate::config::{Limits, Route, Secret};
 use crate::conn::{self, Phase, Shared};
 use crate::error::{Error, Refusal};
@@ -40,7 +42,9 @@ impl Proxy {
         Builder {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             routes: Vec::new(),
-            client_key: None,
+            clients: Vec::new(),
+            require_client_key: false,
+            listener: None,
             allowed_hosts: Vec::new(),
             ca_pems: Vec::new(),
             limits: Limits::default(),
@@ -51,14 +55,34 @@ impl Proxy {
 /// Configures and starts a proxy. Everything is validated by `start`.
 /// Cloning gives the same configuration for another proxy (a runner that
 /// starts one per sandbox).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Builder {
     listen: SocketAddr,
     routes: Vec<Route>,
-    client_key: Option<Secret>,
+    clients: Vec<(String, Secret)>,
+    require_client_key: bool,
+    /// A socket the caller bound (see `Builder::listener`).
+    listener: Option<std::net::TcpListener>,
     allowed_hosts: Vec<String>,
     ca_pems: Vec<Vec<u8>>,
     limits: Limits,
+}
+
+impl Clone for Builder {
+    /// The same configuration; a listener given with `Builder::listener` is
+    /// shared (`try_clone`), so both proxies would accept on it.
+    fn clone(&self) -> Builder {
+        Builder {
+            listen: self.listen,
+            routes: self.routes.clone(),
+            clients: self.clients.clone(),
+            require_client_key: self.require_client_key,
+            listener: (self.listener.as_ref()).and_then(|l| l.try_clone().ok()),
+            allowed_hosts: self.allowed_hosts.clone(),
+            ca_pems: self.ca_pems.clone(),
+            limits: self.limits.clone(),
+        }
+    }
 }
 
 impl Builder {
@@ -77,10 +101,35 @@ impl Builder {
     }
 
     /// Requires every request to carry this key as `x-api-key` or
-    /// `authorization: Bearer` (compared in constant time; else 401).
+    /// `authorization: Bearer` (else 401): the client named `default`.
     #[must_use]
-    pub fn client_key(mut self, key: Secret) -> Builder {
-        self.client_key = Some(key);
+    pub fn client_key(self, key: Secret) -> Builder {
+        self.client("default", key)
+    }
+
+    /// Registers a named client key (a sandbox's). Once any is given, every
+    /// request must carry a registered key (else 401), and its log line
+    /// names the client. Names are 1–64 bytes of `A-Z a-z 0-9 . _ -`;
+    /// names and keys are unique (checked by `start`).
+    #[must_use]
+    pub fn client(mut self, name: &str, key: Secret) -> Builder {
+        self.clients.push((name.to_owned(), key));
+        self
+    }
+
+    /// Requires a client key even while none is registered: every request
+    /// is 401 until `ProxyHandle::add_client` registers one.
+    #[must_use]
+    pub fn require_client_key(mut self) -> Builder {
+        self.require_client_key = true;
+        self
+    }
+
+    /// Serves on a socket the caller bound (inside a network namespace, or
+    /// passed by systemd) instead of binding `listen`.
+    #[must_use]
+    pub fn listener(mut self, listener: std::net::TcpListener) -> Builder {
+        self.listener = Some(listener);
         self
     }
 
@@ -120,17 +169,25 @@ impl Builder {
                 return Err(Error::DuplicatePrefix(route.prefix.clone()));
             }
         }
-        if let Some(key) = &self.client_key {
-            crate::config::check_value(key, "client key")?;
+        let required = self.require_client_key || !self.clients.is_empty();
+        let clients = Arc::new(Clients::new(required));
+        for (name, key) in &self.clients {
+            clients.add(name, key)?;
         }
         let connector = upstream::tls_connector(&self.ca_pems)?;
-        let table = RouteTable::new(self.routes, self.client_key, self.allowed_hosts);
+        let table = RouteTable::new(self.routes, clients, self.allowed_hosts);
         let wakeup = Arc::new(Wakeup::default());
         let upstreams = (table.routes().iter())
             .map(|r| Upstream::new(&r.upstream, connector.clone(), wakeup.clone()))
             .collect::<Result<_, _>>()?;
         let bind = |err| Error::Bind(self.listen, err);
-        let listener = TcpListener::bind(self.listen).await.map_err(bind)?;
+        let listener = match self.listener {
+            Some(listener) => listener
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(listener))
+                .map_err(bind)?,
+            None => TcpListener::bind(self.listen).await.map_err(bind)?,
+        };
         let local_addr = listener.local_addr().map_err(bind)?;
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         let permits = Arc::new(Semaphore::new(self.limits.max_connections));
@@ -139,20 +196,24 @@ impl Builder {
             upstreams,
             limits: self.limits,
         });
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            shared.clone(),
-            phase_rx.clone(),
-            permits.clone(),
-        ));
+        // keyhole's tasks carry the caller's span (a runner's
+        // `info_span!("sandbox", id = …)` then labels keyhole's events).
+        let span = tracing::Span::current();
+        let accept = tokio::spawn(
+            accept_loop(listener, shared.clone(), phase_rx.clone(), permits.clone())
+                .instrument(span.clone()),
+        );
         let pool = shared.clone();
-        tokio::spawn(async move {
-            let max_age = pool.limits.pool_idle_timeout;
-            tokio::select! {
-                () = upstream::reap(&pool.upstreams, wakeup, max_age) => {}
-                () = conn::reached(phase_rx, Phase::Closing) => {}
+        tokio::spawn(
+            async move {
+                let max_age = pool.limits.pool_idle_timeout;
+                tokio::select! {
+                    () = upstream::reap(&pool.upstreams, wakeup, max_age) => {}
+                    () = conn::reached(phase_rx, Phase::Closing) => {}
+                }
             }
-        });
+            .instrument(span),
+        );
         Ok(ProxyHandle {
             local_addr,
             phase: phase_tx,
@@ -186,6 +247,28 @@ impl ProxyHandle {
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Registers a client under `name` with a fresh key, returned once: `kh_`
+    /// and 43 base64url characters, 256 bits from the operating system's
+    /// generator. Hand `expose_secret()` of it to the sandbox.
+    pub fn add_client(&self, name: &str) -> Result<Secret, Error> {
+        let key = crate::clients::generate_key()?;
+        self.add_client_key(name, &key)?;
+        Ok(key)
+    }
+
+    /// Registers a client under `name` with a key of the caller's.
+    pub fn add_client_key(&self, name: &str, key: &Secret) -> Result<(), Error> {
+        self.shared.table.clients().add(name, key)
+    }
+
+    /// Revokes a client: once this returns, no request carrying its key is
+    /// forwarded, also on connections already open; requests already
+    /// forwarded finish. False if no client had that name.
+    #[allow(clippy::must_use_candidate)] // revoking is the point; the answer is optional
+    pub fn remove_client(&self, name: &str) -> bool {
+        self.shared.table.clients().remove(name)
     }
 
     /// Stops accepting, lets requests in flight finish for up to the drain
@@ -252,10 +335,11 @@ async fn accept_loop(
         if let Ok(permit) = permits.clone().try_acquire_owned() {
             let shared = shared.clone();
             let phase = phase.clone();
-            tokio::spawn(async move {
+            let serve = async move {
                 conn::serve(stream, shared, phase).await;
                 drop(permit);
-            });
+            };
+            tokio::spawn(serve.in_current_span());
         } else if let Ok(permit) = turn_away_permits.clone().try_acquire_owned() {
             tokio::spawn(async move {
                 turn_away(stream).await;

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 
-use crate::config::{Limits, UpstreamUrl};
+use crate::config::{Limits, Route, UpstreamUrl};
 use crate::error::{Error, Refusal};
 use crate::relay::{self, PumpError};
 use crate::route::Forward;
@@ -109,6 +109,9 @@ impl Wake for Wakeup {
 /// connection reused within this time never costs one.
 const WATCH_AFTER: Duration = Duration::from_millis(250);
 
+/// At most one warning per route in this time about refused credentials.
+const KEY_REFUSED_EVERY: Duration = Duration::from_secs(60);
+
 /// An upstream: where to connect, and its idle connections.
 pub(crate) struct Upstream {
     url: UpstreamUrl,
@@ -116,6 +119,8 @@ pub(crate) struct Upstream {
     connector: TlsConnector,
     idle: Mutex<Vec<(Connection, Instant)>>,
     wakeup: Arc<Wakeup>,
+    /// When the upstream's last refusal of the injected key was logged.
+    key_refused_at: Mutex<Option<Instant>>,
     /// In tests and under fuzzing: opens in-memory connections instead of sockets.
     #[cfg(any(test, feature = "fuzzing"))]
     memory: Option<MemoryConnector>,
@@ -140,6 +145,7 @@ impl Upstream {
             connector,
             idle: Mutex::new(Vec::new()),
             wakeup,
+            key_refused_at: Mutex::new(None),
             #[cfg(any(test, feature = "fuzzing"))]
             memory: None,
         })
@@ -177,7 +183,7 @@ impl Upstream {
                 PumpError::SinkTimeout => {
                     Refusal::GatewayTimeout("upstream stopped reading the request")
                 }
-                _ => Refusal::BadGateway("upstream connection failed"),
+                _ => Refusal::Unreachable("upstream connection failed"),
             })?;
         Ok(conn)
     }
@@ -213,6 +219,31 @@ impl Upstream {
         idle.push((conn, now));
     }
 
+    /// The upstream answered 401 or 403 on `route`: its injected key was
+    /// refused. Warns, naming the route and the injected header names, at
+    /// most once a minute, so the operator learns it from keyhole rather
+    /// than from a confused agent.
+    pub(crate) fn key_refused(&self, route: &Route, status: u16) {
+        if route.headers.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let Ok(mut last) = self.key_refused_at.lock() else {
+            return;
+        };
+        if last.is_some_and(|at| now.saturating_duration_since(at) < KEY_REFUSED_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        let names: Vec<&str> = route.headers.iter().map(|(n, _)| n.as_str()).collect();
+        tracing::warn!(
+            route = route.prefix,
+            headers = names.join(","),
+            status,
+            "the upstream refused the injected credentials: check the key"
+        );
+    }
+
     /// Closes idle connections that are past `max_age` or no longer quiet;
     /// returns when the oldest remaining one expires, if any.
     fn sweep(&self, waker: &Waker, max_age: Duration, now: Instant) -> Option<Instant> {
@@ -242,7 +273,7 @@ impl Upstream {
             .map_err(|_| Refusal::GatewayTimeout("upstream TLS handshake timed out"))?
             .map_err(|err| {
                 tracing::warn!(upstream = %self.url.authority, error = %err, "upstream TLS handshake failed");
-                Refusal::BadGateway("upstream TLS handshake failed")
+                Refusal::UpstreamTls
             })?;
         Ok(Connection::new(Box::new(tls)))
     }
@@ -250,7 +281,7 @@ impl Upstream {
     async fn connect_tcp(&self) -> Result<TcpStream, Refusal> {
         let addrs = tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
             .await
-            .map_err(|_| Refusal::BadGateway("upstream name did not resolve"))?;
+            .map_err(|_| Refusal::Unreachable("upstream name did not resolve"))?;
         let mut last = None;
         for addr in addrs {
             match TcpStream::connect(addr).await {
@@ -265,7 +296,7 @@ impl Upstream {
         if let Some(err) = last {
             tracing::warn!(upstream = %self.url.authority, error = %err, "upstream connect failed");
         }
-        Err(Refusal::BadGateway("upstream unreachable"))
+        Err(Refusal::Unreachable("upstream unreachable"))
     }
 }
 

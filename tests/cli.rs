@@ -234,12 +234,12 @@ async fn prints_listening_line_serves_a_route_and_exits_0_on_sigterm() {
     assert_eq!(lines.len(), 2, "{stderr}");
     let line = lines[0];
     assert!(
-        line.contains(" INFO GET /api/v1/models route=/api status=200 in=0 out=36 ms="),
+        line.contains(" INFO request client=- route=/api method=GET path=/api/v1/models status=200 bytes_in=0 bytes_out=36 duration_ms="),
         "{line}"
     );
     assert!(!line.contains("limit=2"), "the query was logged: {line}");
     assert!(
-        lines[1].contains(" INFO GET /elsewhere route=- status=404 "),
+        lines[1].contains(" INFO request client=- route=- method=GET path=/elsewhere status=404 "),
         "{}",
         lines[1]
     );
@@ -680,7 +680,98 @@ async fn defect7_log_lines_cannot_be_forged_by_an_upstream_certificate_name() {
         lines[0]
     );
     assert!(
-        stderr.contains(r#"  INFO GET /v1/a"b=c route=/ status=502 "#),
+        stderr.contains(
+            r#"  INFO request client=- route=/ method=GET path="/v1/a\"b=c" status=502 "#
+        ),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn json_log_lines_parse_with_hostile_bytes() {
+    // Hostile text from the upstream (a certificate name with CR, LF, ESC)
+    // and from the client (quotes and backslashes in the path).
+    let forged = "kh.invalid\n\"}{\"level\":\"ERROR\r\x1b[2K\\";
+    let bad_tls = Upstream::start_with(pki_named(forged), |_| async {}).await;
+    let good = Upstream::start(|_| ok("fine")).await;
+    let ca_file = temp_path("json-ca.pem");
+    std::fs::write(&ca_file, format!("{}{}", bad_tls.ca_pem, good.ca_pem)).unwrap();
+    let (bad_route, good_route) = (
+        format!("/bad={}", bad_tls.url("")),
+        format!("/good={}", good.url("")),
+    );
+    let run = spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--client",
+            "sandbox-1=key-one",
+            "--route",
+            &bad_route,
+            "--header",
+            "x-api-key=k",
+            "--route",
+            &good_route,
+            "--header",
+            "x-api-key=k",
+            "--ca-file",
+            ca_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], run.listening_port()));
+    let with_key = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nx-api-key: key-one\r\n\r\n").into_bytes()
+    };
+    for (path, status) in [("/bad/v1/a\"b{c}", 502), ("/good/v1/x?k=secret", 200)] {
+        let res = tokio::time::timeout(WAIT, request(addr, &with_key(path)))
+            .await
+            .expect("in time")
+            .expect("a response");
+        assert_eq!(res.status, status, "{path}");
+    }
+    let res = request(addr, &get("/good/v1/x")).await.unwrap();
+    assert_eq!(res.status, 401);
+    settle();
+    run.terminate();
+    let (status, stderr, _) = run.wait();
+    let _ = std::fs::remove_file(&ca_file);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let mut requests = Vec::new();
+    for line in stderr.lines() {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        for field in ["ts", "level", "msg"] {
+            assert!(object[field].is_string(), "{field} in {line}");
+        }
+        assert_eq!(object["ts"].as_str().unwrap().len(), 27, "{line}");
+        if object["msg"] == "request" {
+            requests.push(object);
+        }
+    }
+    assert!(
+        !stderr.contains("secret") && !stderr.contains("key-one"),
+        "{stderr}"
+    );
+    assert_eq!(requests.len(), 3, "{stderr}");
+    let bad = &requests[0];
+    assert_eq!(bad["client"], "sandbox-1");
+    assert_eq!(bad["route"], "/bad");
+    assert_eq!(bad["method"], "GET");
+    assert_eq!(bad["path"], "/bad/v1/a\"b{c}");
+    assert_eq!(bad["status"], 502);
+    assert_eq!(bad["error"], "upstream-tls");
+    let good = &requests[1];
+    assert_eq!(good["path"], "/good/v1/x");
+    assert_eq!(good["status"], 200);
+    assert_eq!(good["bytes_out"], 4);
+    assert!(
+        good["duration_ms"].is_u64() && good["upstream_ms"].is_u64(),
+        "{good}"
+    );
+    assert_eq!(requests[2]["status"], 401);
+    assert_eq!(requests[2]["client"], "-");
+    assert_eq!(requests[2]["error"], "client-key");
 }

@@ -64,9 +64,10 @@ fn every_corpus_dir_is_replayed() {
     );
 }
 
-const REPLAYED: [&str; 5] = [
+const REPLAYED: [&str; 6] = [
     "chunked_body",
     "connection",
+    "json_escape",
     "request_head",
     "response_head",
     "route_rewrite",
@@ -94,6 +95,11 @@ fn response_head_corpus() {
 #[test]
 fn route_rewrite_corpus() {
     replay("route_rewrite", checks::route_rewrite);
+}
+
+#[test]
+fn json_escape_corpus() {
+    replay("json_escape", checks::json_escape);
 }
 
 #[test]

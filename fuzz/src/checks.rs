@@ -1,6 +1,7 @@
 //! Invariant checks shared by the fuzz targets and the corpus replay test
-//! (`tests/fuzz_corpus.rs`). Only `keyhole`, `httparse` and `std` here, so the
-//! replay compiles on stable with the main crate's dependencies alone.
+//! (`tests/fuzz_corpus.rs`). Only `keyhole`, `httparse`, `std` and, as the
+//! reference JSON parser, `serde_json` (a dev-dependency of the main crate
+//! too) here, so the replay compiles on stable.
 //!
 //! Every function takes the bytes of one input and panics (through `assert!`)
 //! when keyhole breaks one of its promises; a refusal is never a failure.
@@ -743,4 +744,25 @@ pub fn connection(data: &[u8], splits: &[usize]) {
         "upstream answered {} requests, {answered} complete ones were sent",
         report.upstream_requests
     );
+}
+
+/// The JSON log escaper (`keyhole::json`, the binary's `--log-format json`):
+/// any text comes out as one JSON string without a raw control byte, and a
+/// reference parser reads back exactly the text, alone and as a member of
+/// an object like a log line.
+pub fn json_escape(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut out = Vec::new();
+    keyhole::json::write_string(&mut out, &text);
+    assert!(
+        out.iter().all(|&b| b >= 0x20 && b != 0x7f),
+        "raw control byte in {out:?}"
+    );
+    let back: String = serde_json::from_slice(&out).expect("a valid JSON string");
+    assert_eq!(back, text);
+    let mut line = b"{\"msg\":\"request\",\"path\":".to_vec();
+    line.extend_from_slice(&out);
+    line.extend_from_slice(b",\"status\":200}");
+    let object: serde_json::Value = serde_json::from_slice(&line).expect("a valid JSON object");
+    assert_eq!(object["path"].as_str(), Some(&*text));
 }

@@ -1,0 +1,230 @@
+//! Client identities: the registry of named client keys every connection
+//! checks requests against (README "For sandbox runners").
+//!
+//! Only SHA-256 digests of the keys are stored. A lookup digests the
+//! presented key and compares it with every registered digest without an
+//! early exit, so its time does not depend on which keys exist or on how
+//! much of one matched; only on how many are registered.
+
+use std::sync::{Arc, RwLock};
+
+use ring::digest::{digest, SHA256};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::config::Secret;
+use crate::error::Error;
+use crate::route::constant_time_eq;
+
+/// A registered client: its name and the digest of its key.
+#[derive(Clone)]
+pub(crate) struct Client {
+    pub(crate) name: Arc<str>,
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The registry; shared by every connection, changed at runtime.
+#[derive(Debug)]
+pub(crate) struct Clients {
+    /// Requests must carry a registered key (even while none is).
+    pub(crate) required: bool,
+    entries: RwLock<Vec<Client>>,
+}
+
+impl Clients {
+    /// An empty registry.
+    pub(crate) fn new(required: bool) -> Clients {
+        Clients {
+            required,
+            entries: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The name of the client whose key this is.
+    pub(crate) fn lookup(&self, key: &[u8]) -> Option<Arc<str>> {
+        let presented = sha256(key);
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut found = None;
+        for client in entries.iter() {
+            if constant_time_eq(&client.digest, &presented) {
+                found = Some(client.name.clone());
+            }
+        }
+        found
+    }
+
+    /// Registers `name` with `key`; fails if either is taken or invalid.
+    pub(crate) fn add(&self, name: &str, key: &Secret) -> Result<(), Error> {
+        let client = entry(name, key)?;
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        check_unique(&entries, &client)?;
+        entries.push(client);
+        Ok(())
+    }
+
+    /// Revokes `name`: once this returns, no lookup finds its key.
+    pub(crate) fn remove(&self, name: &str) -> bool {
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = entries.len();
+        entries.retain(|c| &*c.name != name);
+        entries.len() != before
+    }
+}
+
+/// A client entry for `name` and `key`, both validated.
+fn entry(name: &str, key: &Secret) -> Result<Client, Error> {
+    let valid_name = (1..=64).contains(&name.len())
+        && (name.bytes()).all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !valid_name {
+        return Err(Error::BadClientName);
+    }
+    crate::config::check_value(key, &format!("client {name}"))?;
+    Ok(Client {
+        name: name.into(),
+        digest: sha256(key.expose()),
+    })
+}
+
+fn check_unique(entries: &[Client], client: &Client) -> Result<(), Error> {
+    for other in entries {
+        if other.name == client.name {
+            return Err(Error::DuplicateClient(client.name.to_string()));
+        }
+        if other.digest == client.digest {
+            return Err(Error::DuplicateClientKey(client.name.to_string()));
+        }
+    }
+    Ok(())
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(digest(&SHA256, bytes).as_ref());
+    out
+}
+
+/// A fresh client key: `kh_` and 43 base64url characters, 256 bits from the
+/// operating system's generator.
+pub(crate) fn generate_key() -> Result<Secret, Error> {
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    SystemRandom::new()
+        .fill(bytes.as_mut())
+        .map_err(|_| Error::Random)?;
+    let mut text = String::with_capacity(3 + 43);
+    text.push_str("kh_");
+    base64(bytes.as_ref(), BASE64URL, false, &mut text);
+    Ok(Secret::new(text))
+}
+
+/// The URL-safe base64 alphabet (RFC 4648 §5).
+pub(crate) const BASE64URL: &[u8; 64] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Appends `bytes` in base64 with `alphabet` (RFC 4648 §4, §5), with `=`
+/// padding if `pad`. `out` must have room: it holds secrets.
+pub(crate) fn base64(bytes: &[u8], alphabet: &[u8; 64], pad: bool, out: &mut String) {
+    for group in bytes.chunks(3) {
+        let n = group
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(char::from(alphabet[(n >> (18 - 6 * i)) as usize & 63]));
+            } else if pad {
+                out.push('=');
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_finds_only_registered_keys() {
+        let clients = Clients::new(true);
+        clients.add("a", &Secret::new("key-a")).unwrap();
+        clients.add("b", &Secret::new("key-b")).unwrap();
+        assert_eq!(clients.lookup(b"key-a").as_deref(), Some("a"));
+        assert_eq!(clients.lookup(b"key-b").as_deref(), Some("b"));
+        assert_eq!(clients.lookup(b"key-"), None);
+        assert_eq!(clients.lookup(b""), None);
+        assert!(clients.remove("a"));
+        assert!(!clients.remove("a"));
+        assert_eq!(clients.lookup(b"key-a"), None);
+        assert_eq!(clients.lookup(b"key-b").as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn names_and_keys_are_unique_and_valid() {
+        let clients = Clients::new(true);
+        clients.add("a", &Secret::new("k1")).unwrap();
+        assert!(matches!(
+            clients.add("a", &Secret::new("k2")),
+            Err(Error::DuplicateClient(_))
+        ));
+        assert!(matches!(
+            clients.add("b", &Secret::new("k1")),
+            Err(Error::DuplicateClientKey(_))
+        ));
+        for bad in ["", "a b", "é", &"x".repeat(65)] {
+            assert!(matches!(
+                clients.add(bad, &Secret::new("k3")),
+                Err(Error::BadClientName)
+            ));
+        }
+        assert!(clients.add(&"x".repeat(64), &Secret::new("k3")).is_ok());
+        assert!(clients.add("c", &Secret::new("")).is_err());
+        assert!(clients.add("c", &Secret::new("a\nb")).is_err());
+    }
+
+    #[test]
+    fn generated_keys_have_the_documented_shape() {
+        let a = generate_key().unwrap();
+        let b = generate_key().unwrap();
+        let text = std::str::from_utf8(a.expose()).unwrap();
+        assert_eq!(text.len(), 46);
+        assert!(text.starts_with("kh_"));
+        assert!(text[3..].bytes().all(|c| BASE64URL.contains(&c)));
+        assert_ne!(a.expose(), b.expose());
+    }
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        const STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            let mut out = String::new();
+            base64(input.as_bytes(), STD, true, &mut out);
+            assert_eq!(out, want);
+        }
+        let mut out = String::new();
+        base64(&[0xfb, 0xff], BASE64URL, false, &mut out);
+        assert_eq!(out, "-_8");
+    }
+}

@@ -1,0 +1,243 @@
+//! For sandbox runners: client identities (a key per sandbox, revoked at
+//! once), allowlists, and the `keyhole-error` code on every generated
+//! response. Each over real sockets against a real TLS upstream.
+
+mod support;
+
+use std::time::Duration;
+
+use keyhole::{Error, Route, Secret};
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+fn with_key(key: &str, path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nx-api-key: {key}\r\n\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn each_client_is_known_by_its_own_key() {
+    let upstream = Upstream::start(|_| ok("in")).await;
+    let proxy = keyhole(&upstream, |b| {
+        b.client("alpha", Secret::new("key-alpha"))
+            .client("beta", Secret::new("key-beta"))
+    })
+    .await;
+    for (key, status) in [
+        ("key-alpha", 200),
+        ("key-beta", 200),
+        ("key-gamma", 401),
+        ("key-alph", 401),
+    ] {
+        let res = request(proxy.local_addr(), &with_key(key, "/v1/x"))
+            .await
+            .unwrap();
+        assert_eq!(res.status, status, "{key}");
+    }
+    assert_eq!(upstream.received().len(), 2);
+    // The injected key replaced the client's.
+    for req in upstream.received() {
+        assert_eq!(req.header_values("x-api-key"), vec![SECRET.to_owned()]);
+    }
+}
+
+#[tokio::test]
+async fn generated_keys_work_at_once_and_revocation_is_immediate_on_open_connections() {
+    let upstream = Upstream::start(|_| ok("in")).await;
+    let proxy = keyhole(&upstream, keyhole::Builder::require_client_key).await;
+    // Required, none registered: everything is 401.
+    let res = request(proxy.local_addr(), &with_key("anything", "/v1/x"))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 401);
+    assert_eq!(res.header("keyhole-error").as_deref(), Some("client-key"));
+    let alpha = proxy.add_client("alpha").unwrap();
+    let beta = proxy.add_client("beta").unwrap();
+    let alpha_key = alpha.expose_secret().to_owned();
+    let beta_key = beta.expose_secret().to_owned();
+    assert!(
+        alpha_key.starts_with("kh_") && alpha_key.len() == 46,
+        "{alpha_key}"
+    );
+    assert_ne!(alpha_key, beta_key);
+    // Keep-alive connections opened before the revocation.
+    let mut a = Client::connect(proxy.local_addr()).await;
+    let mut b = Client::connect(proxy.local_addr()).await;
+    a.send(&with_key(&alpha_key, "/v1/x")).await;
+    assert_eq!(a.response(false).await.unwrap().status, 200);
+    b.send(&with_key(&beta_key, "/v1/x")).await;
+    assert_eq!(b.response(false).await.unwrap().status, 200);
+    assert!(proxy.remove_client("alpha"));
+    assert!(!proxy.remove_client("alpha"));
+    a.send(&with_key(&alpha_key, "/v1/x")).await;
+    let refused = a.response(false).await.unwrap();
+    assert_eq!(refused.status, 401);
+    b.send(&with_key(&beta_key, "/v1/x")).await;
+    assert_eq!(b.response(false).await.unwrap().status, 200);
+    assert_eq!(upstream.received().len(), 3);
+}
+
+#[tokio::test]
+async fn revocation_does_not_cut_a_stream_in_flight_of_another_client() {
+    // The upstream holds the response open until told to finish.
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let upstream = Upstream::start_raw(move |mut conn| {
+        let mut rx = rx.clone();
+        async move {
+            while conn.read_request().await.is_some() {
+                conn.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                    .await
+                    .unwrap();
+                let _ = rx.wait_for(|done| *done).await;
+                conn.write(b"4\r\nlast\r\n0\r\n\r\n").await.unwrap();
+            }
+        }
+    })
+    .await;
+    let proxy = keyhole(&upstream, |b| {
+        b.client("keep", Secret::new("key-keep"))
+            .client("gone", Secret::new("key-gone"))
+    })
+    .await;
+    let mut keep = Client::connect(proxy.local_addr()).await;
+    keep.send(&with_key("key-keep", "/v1/stream")).await;
+    keep.read_until(b"first").await.unwrap();
+    assert!(proxy.remove_client("gone"));
+    let res = request(proxy.local_addr(), &with_key("key-gone", "/v1/x"))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 401);
+    tx.send_replace(true);
+    keep.read_until(b"0\r\n\r\n").await.unwrap();
+}
+
+#[tokio::test]
+async fn client_names_and_keys_are_validated() {
+    let upstream = Upstream::start(|_| ok("in")).await;
+    let proxy = keyhole(&upstream, |b| b.client("alpha", Secret::new("key-alpha"))).await;
+    assert!(matches!(
+        proxy.add_client("alpha"),
+        Err(Error::DuplicateClient(_))
+    ));
+    assert!(proxy.add_client("bad name").is_err());
+    assert!(proxy
+        .add_client_key("beta", &Secret::new("key-alpha"))
+        .is_err());
+    assert!(proxy.add_client_key("beta", &Secret::new("")).is_err());
+    proxy
+        .add_client_key("beta", &Secret::new("key-beta"))
+        .unwrap();
+    let res = request(proxy.local_addr(), &with_key("key-beta", "/"))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200);
+    let err = keyhole::Proxy::builder()
+        .route(Route::new("/", &upstream.url("")).unwrap())
+        .client("a", Secret::new("same"))
+        .client("b", Secret::new("same"))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("same"), "{err}");
+}
+
+#[tokio::test]
+async fn allowlist_matches_the_upstream_path_after_rewrite() {
+    let upstream = Upstream::start(|_| ok("in")).await;
+    let route = Route::new("/anthropic", &upstream.url("/base"))
+        .unwrap()
+        .header("x-api-key", Secret::new(SECRET))
+        .allow("POST", "/base/v1/messages")
+        .allow("POST", "/base/v1/messages/count_tokens")
+        .allow("GET", "/base/v1/models/*");
+    let proxy = keyhole::Proxy::builder()
+        .ca_pem(upstream.ca_pem.clone())
+        .route(route)
+        .start()
+        .await
+        .unwrap();
+    let cases = [
+        ("POST", "/anthropic/v1/messages", 200),
+        ("POST", "/anthropic/v1/messages?beta=true", 200),
+        ("POST", "/anthropic/v1/messages/count_tokens", 200),
+        ("GET", "/anthropic/v1/models", 200),
+        ("GET", "/anthropic/v1/models/claude-x", 200),
+        ("GET", "/anthropic/v1/modelsX", 403),
+        ("POST", "/anthropic/v1/messages/batches", 403),
+        ("DELETE", "/anthropic/v1/messages/batches/b1", 403),
+        ("GET", "/anthropic/v1/messages", 403),
+        ("POST", "/anthropic/v1/messages/", 403),
+    ];
+    for (method, path, status) in cases {
+        let bytes =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
+        let res = request(proxy.local_addr(), bytes.as_bytes()).await.unwrap();
+        assert_eq!(res.status, status, "{method} {path}");
+        if status == 403 {
+            assert_eq!(res.header("keyhole-error").as_deref(), Some("not-allowed"));
+        }
+    }
+    assert_eq!(
+        upstream.received().len(),
+        5,
+        "a refused request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn allow_patterns_are_validated_at_start() {
+    let upstream = Upstream::start(|_| ok("in")).await;
+    for (method, pattern) in [
+        ("POST", "v1"),
+        ("PO ST", "/v1"),
+        ("GET", "/v1/*/x"),
+        ("GET", "/v1*"),
+    ] {
+        let route = Route::new("/", &upstream.url(""))
+            .unwrap()
+            .allow(method, pattern);
+        let result = keyhole::Proxy::builder().route(route).start().await;
+        assert!(result.is_err(), "{method} {pattern}");
+    }
+}
+
+#[tokio::test]
+async fn every_generated_response_carries_its_code() {
+    let upstream = Upstream::start(|_| {
+        Reply::Bytes(
+            b"HTTP/1.1 200 OK\r\nkeyhole-error: forged\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        )
+    })
+    .await;
+    let proxy = keyhole(&upstream, |b| b.client("a", Secret::new("key-a"))).await;
+    let long_name = "x".repeat(200);
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"GET / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\nx-api-key: key-a\r\n\r\n".to_vec(), 400, "bad-request"),
+        (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(), 401, "client-key"),
+        (b"GET / HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil\r\nx-api-key: key-a\r\n\r\n".to_vec(), 403, "browser"),
+        (b"GET / HTTP/1.1\r\nHost: evil.example\r\nx-api-key: key-a\r\n\r\n".to_vec(), 403, "host"),
+        (b"TRACE / HTTP/1.1\r\nHost: localhost\r\nx-api-key: key-a\r\n\r\n".to_vec(), 405, "method"),
+        (b"GET / HTTP/1.1\r\nHost: localhost\r\nExpect: magic\r\nx-api-key: key-a\r\n\r\n".to_vec(), 417, "expectation"),
+        (format!("GET / HTTP/1.1\r\nHost: localhost\r\n{long_name}: {}\r\n\r\n", "v".repeat(70_000)).into_bytes(), 431, "head-too-large"),
+        (b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n".to_vec(), 505, "version"),
+    ];
+    for (bytes, status, code) in cases {
+        let res = request(proxy.local_addr(), &bytes).await.unwrap();
+        assert_eq!(res.status, status, "{code}");
+        assert_eq!(
+            res.header("keyhole-error").as_deref(),
+            Some(code),
+            "{status}"
+        );
+    }
+    // An upstream's own keyhole-error is dropped.
+    let res = request(proxy.local_addr(), &with_key("key-a", "/"))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("keyhole-error"), None);
+    // 408, 404, 413 and the 5xx codes.
+    let mut slow = Client::connect(proxy.local_addr()).await;
+    slow.stream.write_all(b"GET / HT").await.unwrap();
+    drop(slow);
+    let _ = Duration::ZERO;
+}
