@@ -5,6 +5,7 @@
 //! CR/LF into the upstream head.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use zeroize::Zeroizing;
@@ -12,15 +13,24 @@ use zeroize::Zeroizing;
 use crate::error::Error;
 
 /// A value keyhole injects or compares but never shows: no `Display`, a
-/// redacted `Debug`, and its bytes are overwritten when it is dropped.
+/// redacted `Debug`, and its bytes are overwritten when it is dropped. One
+/// read from a file (`${file:PATH}`) remembers its template, so that a
+/// reload reads the file again.
 #[derive(Clone)]
-pub struct Secret(Zeroizing<Vec<u8>>);
+pub struct Secret(Zeroizing<Vec<u8>>, Option<Arc<str>>);
 
 impl Secret {
     /// Wraps a value given directly (the caller's copy is not erased).
     #[must_use]
     pub fn new(value: impl Into<String>) -> Secret {
-        Secret(Zeroizing::new(value.into().into_bytes()))
+        Secret(Zeroizing::new(value.into().into_bytes()), None)
+    }
+
+    /// Reads the file at `path`: its contents without trailing CR, LF,
+    /// spaces and tabs. Fails naming the path, never the contents, when it
+    /// cannot be read or holds a control byte. Read again on reload.
+    pub fn from_file(path: &str) -> Result<Secret, Error> {
+        Secret::from_template(&format!("${{file:{path}}}"))
     }
 
     /// Reads environment variable `var`; fails naming `var` when it is unset,
@@ -30,7 +40,8 @@ impl Secret {
     }
 
     /// Expands every `${VAR}` in `template` from the environment, e.g.
-    /// `Bearer ${OPENAI_API_KEY}`. Fails naming the variable, never its value.
+    /// `Bearer ${OPENAI_API_KEY}`, and every `${file:PATH}` from that file
+    /// (see `from_file`). Fails naming the variable or path, never a value.
     pub fn from_template(template: &str) -> Result<Secret, Error> {
         // Each variable is read once, and `out` then reserved for exactly
         // what it holds: a `Vec` that grew would free a copy unzeroed.
@@ -38,17 +49,22 @@ impl Secret {
         let mut rest = template;
         while let Some((text, after)) = rest.split_once("${") {
             let (var, tail) = after.split_once('}').ok_or(Error::BadTemplate)?;
-            let valid =
-                !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !valid {
-                return Err(Error::BadTemplate);
-            }
-            let value = Zeroizing::new(
-                std::env::var(var).map_err(|_| Error::UnsetVariable(var.to_owned()))?,
-            );
-            if value.bytes().any(is_control) {
-                return Err(Error::VariableHasControlByte(var.to_owned()));
-            }
+            let value = if let Some(path) = var.strip_prefix("file:") {
+                read_secret_file(path)?
+            } else {
+                let valid =
+                    !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !valid {
+                    return Err(Error::BadTemplate);
+                }
+                let value = Zeroizing::new(
+                    std::env::var(var).map_err(|_| Error::UnsetVariable(var.to_owned()))?,
+                );
+                if value.bytes().any(is_control) {
+                    return Err(Error::VariableHasControlByte(var.to_owned()));
+                }
+                value
+            };
             parts.push((text, value));
             rest = tail;
         }
@@ -59,7 +75,13 @@ impl Secret {
             out.extend_from_slice(value.as_bytes());
         }
         out.extend_from_slice(rest.as_bytes());
-        Ok(Secret(out))
+        let source = template.contains("${file:").then(|| Arc::from(template));
+        Ok(Secret(out, source))
+    }
+
+    /// The value read again from its files, if it came from any.
+    pub(crate) fn reread(&self) -> Option<Result<Secret, Error>> {
+        self.1.as_deref().map(Secret::from_template)
     }
 
     /// The raw bytes, for injection and constant-time comparison only.
@@ -80,6 +102,18 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
     }
+}
+
+/// A secret file's contents without trailing CR, LF, spaces and tabs.
+fn read_secret_file(path: &str) -> Result<Zeroizing<String>, Error> {
+    let fail = |why| Error::SecretFile(path.to_owned(), why);
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|_| fail("cannot be read"))?);
+    let text = std::str::from_utf8(&bytes).map_err(|_| fail("is not UTF-8"))?;
+    let text = text.trim_end_matches(['\r', '\n', ' ', '\t']);
+    if text.bytes().any(is_control) {
+        return Err(fail("holds a control byte"));
+    }
+    Ok(Zeroizing::new(text.to_owned()))
 }
 
 /// A control byte: anything that could end or corrupt a header line.

@@ -187,6 +187,10 @@ pub enum Error {
     BadAllow(String, &'static str),
     /// The operating system's random generator failed.
     Random,
+    /// A `${file:PATH}` secret that cannot be used, and why.
+    SecretFile(String, &'static str),
+    /// No route has this prefix (`ProxyHandle::set_header`).
+    UnknownRoute(String),
 }
 
 impl fmt::Display for Error {
@@ -222,6 +226,8 @@ impl fmt::Display for Error {
             }
             Error::BadAllow(entry, why) => write!(f, "allowlist entry {entry:?}: {why}"),
             Error::Random => f.write_str("the operating system's random generator failed"),
+            Error::SecretFile(path, why) => write!(f, "secret file {path}: {why}"),
+            Error::UnknownRoute(prefix) => write!(f, "no route has the prefix {prefix:?}"),
         }
     }
 }

@@ -27,7 +27,8 @@ const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client
                [--max-headers N] [--threads N] [--log-level LEVEL]
                (--route PREFIX=URL [--header NAME=VALUE]... [--allow 'METHOD PATTERN']...)...
        keyhole --version
-`${VAR}` in a header value or client key is read from the environment.
+`${VAR}` in a header value or client key is read from the environment,
+`${file:PATH}` from a file (read again on SIGHUP).
 With no --route and ANTHROPIC_API_KEY set:
   --route /=https://api.anthropic.com --header 'x-api-key=${ANTHROPIC_API_KEY}'";
 
@@ -431,9 +432,11 @@ async fn run(cli: Cli) -> ExitCode {
     };
     // Installed before the `listening on` line, so that a signal sent as soon
     // as the line appears is never fatal.
-    let signals =
-        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
-    let (mut term, mut int) = match signals {
+    let signals = signal(SignalKind::terminate()).and_then(|t| {
+        let int = signal(SignalKind::interrupt())?;
+        Ok((t, int, signal(SignalKind::hangup())?))
+    });
+    let (mut term, mut int, mut hup) = match signals {
         Ok(signals) => signals,
         Err(err) => return fail(format!("cannot install signal handlers: {err}"), 1),
     };
@@ -450,9 +453,17 @@ async fn run(cli: Cli) -> ExitCode {
     }
     // stdout is line-buffered: the line is flushed at its newline.
     let _ = writeln!(std::io::stdout(), "listening on http://{listen}");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                // All or nothing: a failed reload changes nothing.
+                if let Err(err) = proxy.reload() {
+                    tracing::warn!(error = %err, "reload failed; nothing changed");
+                }
+            }
+        }
     }
     tracing::info!("shutting down");
     proxy.shutdown().await;
@@ -555,19 +566,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
     Ok(Some(cli))
 }
 
-/// Expands `template` for `what` (`--header NAME` or `--client-key`) and
-/// refuses an empty result. Only a template made of nothing but `${VAR}`s
-/// can expand to nothing, so naming it names variables, never a value.
+/// Expands `template` for `what` (`--header NAME`, `--client NAME` or
+/// `--client-key`) and refuses an empty result, naming the template (made
+/// of variable and file names only, never a value).
 fn secret(what: &str, template: &str) -> Result<Secret, String> {
     let secret = Secret::from_template(template).map_err(|e| format!("{what}: {e}"))?;
-    let mut rest = template;
-    while let Some((var, tail)) = rest.strip_prefix("${").and_then(|r| r.split_once('}')) {
-        if !zeroize::Zeroizing::new(std::env::var(var).unwrap_or_default()).is_empty() {
-            return Ok(secret);
-        }
-        rest = tail;
-    }
-    if rest.is_empty() {
+    if secret.expose_secret().is_empty() {
         return Err(format!("{what}: value {template:?} is empty"));
     }
     Ok(secret)

@@ -5,12 +5,13 @@
 //! and builds a `Forward`, whose fields are private: the upstream writer takes
 //! nothing else, so an unrewritten head cannot reach an upstream.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use zeroize::Zeroize;
 
 use crate::clients::Clients;
-use crate::config::Route;
+use crate::config::{check_value, Route, Secret};
+use crate::error::Error;
 use crate::error::Refusal;
 use crate::head::{self, Expect, Framing, RequestHead};
 
@@ -18,6 +19,10 @@ use crate::head::{self, Expect, Framing, RequestHead};
 #[derive(Debug)]
 pub(crate) struct RouteTable {
     routes: Vec<Route>,
+    /// The values each route injects now, in the order of its headers:
+    /// replaced whole by `set_header` and `reload`, so a request reads one
+    /// consistent set and keeps it.
+    values: Vec<RwLock<Arc<[Secret]>>>,
     clients: Arc<Clients>,
     allowed_hosts: Vec<String>,
 }
@@ -93,11 +98,58 @@ impl RouteTable {
         allowed_hosts: Vec<String>,
     ) -> RouteTable {
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let values = (routes.iter())
+            .map(|r| RwLock::new(r.headers.iter().map(|(_, v)| v.clone()).collect()))
+            .collect();
         RouteTable {
             routes,
+            values,
             clients,
             allowed_hosts,
         }
+    }
+
+    /// Replaces the value route `prefix` injects as `name` (a header it
+    /// already injects); requests whose head is read afterwards carry it.
+    pub(crate) fn set_header(&self, prefix: &str, name: &str, value: Secret) -> Result<(), Error> {
+        let index = (self.routes.iter().position(|r| r.prefix == prefix))
+            .ok_or_else(|| Error::UnknownRoute(prefix.to_owned()))?;
+        let headers = &self.routes[index].headers;
+        let slot = (headers
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case(name)))
+        .ok_or_else(|| Error::BadHeaderName(name.to_owned()))?;
+        check_value(&value, name)?;
+        let mut values = self.values[index]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut next = values.to_vec();
+        next[slot] = value;
+        *values = next.into();
+        Ok(())
+    }
+
+    /// Reads every value that came from a file again; all or nothing: if one
+    /// fails, nothing changes and the error says which.
+    pub(crate) fn reload(&self) -> Result<(), Error> {
+        let mut fresh = Vec::with_capacity(self.routes.len());
+        for (route, current) in self.routes.iter().zip(&self.values) {
+            let current = current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let mut next = Vec::with_capacity(current.len());
+            for ((name, _), value) in route.headers.iter().zip(current.iter()) {
+                let value = value.reread().transpose()?.unwrap_or_else(|| value.clone());
+                check_value(&value, name)?;
+                next.push(value);
+            }
+            fresh.push(next);
+        }
+        for (slot, next) in self.values.iter().zip(fresh) {
+            *slot.write().unwrap_or_else(PoisonError::into_inner) = next.into();
+        }
+        Ok(())
     }
 
     /// The client registry every connection checks keys against.
@@ -173,10 +225,14 @@ impl RouteTable {
                 "Connection nominates a protected header",
             ));
         }
+        let values = self.values[index]
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         Ok(Forward {
             route: index,
             client,
-            head: rewrite(req, route, framing),
+            head: rewrite(req, route, &values, framing),
             framing,
             expect_continue: req.expect == Expect::Continue && framing != Framing::Empty,
             is_head: req.method == "HEAD",
@@ -223,16 +279,19 @@ fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route, nominates: 
         || (nominates && head::is_nominated(req.headers, name))
 }
 
-fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8> {
+fn rewrite(
+    req: &RequestHead<'_, '_>,
+    route: &Route,
+    values: &[Secret],
+    framing: Framing,
+) -> Vec<u8> {
     // An upper bound of what is written below, so `out` never grows: the
     // fixed parts (request line and host field framing, the framing field,
     // the final CRLF) take under 64 bytes, and each client field grows by
     // at most its `: ` and CRLF.
     let fields = req.headers.iter().map(|h| h.name.len() + h.value.len() + 4);
-    let injected = route
-        .headers
-        .iter()
-        .map(|(n, v)| n.len() + v.expose().len() + 4);
+    let injected =
+        (route.headers.iter().zip(values)).map(|((n, _), v)| n.len() + v.expose().len() + 4);
     let bound = 64
         + req.method.len()
         + route.upstream.path.len()
@@ -254,7 +313,7 @@ fn rewrite(req: &RequestHead<'_, '_>, route: &Route, framing: Framing) -> Vec<u8
             head::push_field(&mut out, h.name.as_bytes(), head::trim(h.value));
         }
     }
-    for (name, value) in &route.headers {
+    for ((name, _), value) in route.headers.iter().zip(values) {
         head::push_field(&mut out, name.as_bytes(), value.expose());
     }
     head::push_framing(&mut out, framing, None);

@@ -271,6 +271,24 @@ impl ProxyHandle {
         self.shared.table.clients().remove(name)
     }
 
+    /// Replaces the value the route with `prefix` injects as `name` (one of
+    /// the headers it was configured with), for a runner that holds keys in
+    /// memory (from a vault, say). Requests whose head is read afterwards
+    /// carry the new value; requests in flight keep theirs.
+    pub fn set_header(&self, prefix: &str, name: &str, value: Secret) -> Result<(), Error> {
+        self.shared.table.set_header(prefix, name, value)
+    }
+
+    /// Reads every `${file:…}` value again, all or nothing: on success the
+    /// requests whose head is read afterwards use the new values (those in
+    /// flight keep theirs); on failure nothing changes and the error names
+    /// the file.
+    pub fn reload(&self) -> Result<(), Error> {
+        self.shared.table.reload()?;
+        tracing::info!("reloaded");
+        Ok(())
+    }
+
     /// Stops accepting, lets requests in flight finish for up to the drain
     /// timeout, then closes whatever is left (a cut-off body never looks
     /// complete) and returns.

@@ -241,3 +241,118 @@ async fn every_generated_response_carries_its_code() {
     drop(slow);
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn rotated_key_is_used_by_the_next_request_while_a_slow_one_keeps_the_old() {
+    // The first request's response waits until released; the upstream
+    // records what each request carried.
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let upstream = Upstream::start_raw(move |mut conn| {
+        let mut rx = rx.clone();
+        async move {
+            while let Some(req) = conn.read_request().await {
+                if req.target.ends_with("/slow") {
+                    let _ = rx.wait_for(|go| *go).await;
+                }
+                if conn.send(ok("done")).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let route = Route::new("/", &upstream.url(""))
+        .unwrap()
+        .header("x-api-key", Secret::new("old-key"));
+    let proxy = keyhole::Proxy::builder()
+        .ca_pem(upstream.ca_pem.clone())
+        .route(route)
+        .start()
+        .await
+        .unwrap();
+    let mut slow = Client::connect(proxy.local_addr()).await;
+    slow.send(&get("/v1/slow")).await;
+    // Wait until the slow request has reached the upstream.
+    let deadline = std::time::Instant::now() + STEP;
+    while upstream.received().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow request did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy
+        .set_header("/", "x-api-key", Secret::new("new-key"))
+        .unwrap();
+    let res = request(proxy.local_addr(), &get("/v1/fast")).await.unwrap();
+    assert_eq!(res.status, 200);
+    tx.send_replace(true);
+    assert_eq!(slow.response(false).await.unwrap().status, 200);
+    let carried: Vec<(String, Vec<String>)> = (upstream.received().iter())
+        .map(|r| (r.target.clone(), r.header_values("x-api-key")))
+        .collect();
+    assert_eq!(
+        carried,
+        [
+            ("/v1/slow".to_owned(), vec!["old-key".to_owned()]),
+            ("/v1/fast".to_owned(), vec!["new-key".to_owned()]),
+        ]
+    );
+    assert!(proxy
+        .set_header("/nope", "x-api-key", Secret::new("k"))
+        .is_err());
+    assert!(proxy.set_header("/", "x-other", Secret::new("k")).is_err());
+    assert!(proxy.set_header("/", "x-api-key", Secret::new("")).is_err());
+}
+
+#[tokio::test]
+async fn reload_reads_file_secrets_again_all_or_nothing() {
+    let upstream = Upstream::start(|_| ok("in")).await;
+    let dir = std::env::temp_dir().join(format!("keyhole-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    std::fs::write(&a, "key-a1\n").unwrap();
+    std::fs::write(&b, "key-b1").unwrap();
+    let route = Route::new("/", &upstream.url(""))
+        .unwrap()
+        .header("x-api-key", Secret::from_file(a.to_str().unwrap()).unwrap())
+        .header(
+            "authorization",
+            Secret::from_template(&format!("Bearer ${{file:{}}}", b.display())).unwrap(),
+        );
+    let proxy = keyhole::Proxy::builder()
+        .ca_pem(upstream.ca_pem.clone())
+        .route(route)
+        .start()
+        .await
+        .unwrap();
+    let carried = |i: usize| {
+        let r = &upstream.received()[i];
+        (
+            r.header("x-api-key").unwrap(),
+            r.header("authorization").unwrap(),
+        )
+    };
+    request(proxy.local_addr(), &get("/")).await.unwrap();
+    assert_eq!(carried(0), ("key-a1".into(), "Bearer key-b1".into()));
+    std::fs::write(&a, "key-a2 \r\n").unwrap();
+    std::fs::write(&b, "key-b2").unwrap();
+    proxy.reload().unwrap();
+    request(proxy.local_addr(), &get("/")).await.unwrap();
+    assert_eq!(carried(1), ("key-a2".into(), "Bearer key-b2".into()));
+    // One unreadable file: nothing changes, and the error names the file.
+    std::fs::write(&a, "key-a3").unwrap();
+    std::fs::remove_file(&b).unwrap();
+    let err = proxy.reload().unwrap_err().to_string();
+    assert!(
+        err.contains(b.to_str().unwrap()) && !err.contains("key-"),
+        "{err}"
+    );
+    request(proxy.local_addr(), &get("/")).await.unwrap();
+    assert_eq!(carried(2), ("key-a2".into(), "Bearer key-b2".into()));
+    // A control byte in a file is refused the same way.
+    std::fs::write(&b, "key\u{7}b").unwrap();
+    assert!(proxy.reload().is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(Secret::from_file("/nonexistent/keyhole-secret").is_err());
+}
