@@ -6,7 +6,7 @@
 //! early exit, so its time does not depend on which keys exist or on how
 //! much of one matched; only on how many are registered.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use ring::digest::{digest, SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -20,6 +20,8 @@ use crate::route::constant_time_eq;
 pub(crate) struct Client {
     pub(crate) name: Arc<str>,
     digest: [u8; 32],
+    /// Registered by the clients file, so a reload may revoke it.
+    from_file: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -50,10 +52,7 @@ impl Clients {
     /// The name of the client whose key this is.
     pub(crate) fn lookup(&self, key: &[u8]) -> Option<Arc<str>> {
         let presented = sha256(key);
-        let entries = self
-            .entries
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
         let mut found = None;
         for client in entries.iter() {
             if constant_time_eq(&client.digest, &presented) {
@@ -65,11 +64,8 @@ impl Clients {
 
     /// Registers `name` with `key`; fails if either is taken or invalid.
     pub(crate) fn add(&self, name: &str, key: &Secret) -> Result<(), Error> {
-        let client = entry(name, key)?;
-        let mut entries = self
-            .entries
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let client = entry(name, key, false)?;
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         check_unique(&entries, &client)?;
         entries.push(client);
         Ok(())
@@ -77,18 +73,59 @@ impl Clients {
 
     /// Revokes `name`: once this returns, no lookup finds its key.
     pub(crate) fn remove(&self, name: &str) -> bool {
-        let mut entries = self
-            .entries
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         let before = entries.len();
         entries.retain(|c| &*c.name != name);
         entries.len() != before
     }
 }
 
+impl Clients {
+    /// Replaces every client the clients file registered with `fresh` (a
+    /// file read by `read_clients_file`); nothing changes if a name or key
+    /// clashes with a client registered otherwise.
+    pub(crate) fn replace_file_clients(&self, fresh: Vec<Client>) -> Result<(), Error> {
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        let mut next: Vec<Client> = entries.iter().filter(|c| !c.from_file).cloned().collect();
+        for client in fresh {
+            check_unique(&next, &client)?;
+            next.push(client);
+        }
+        *entries = next;
+        Ok(())
+    }
+}
+
+/// Reads a clients file: one client per line, `NAME KEY` separated by
+/// spaces or tabs (KEY is the rest of the line without surrounding
+/// whitespace, taken literally); empty lines and lines starting with `#`
+/// are skipped. Errors name the file and line, never a key.
+pub(crate) fn read_clients_file(path: &str) -> Result<Vec<Client>, Error> {
+    let fail = |line: usize, why| Error::ClientsFile(path.to_owned(), line, why);
+    let bytes =
+        zeroize::Zeroizing::new(std::fs::read(path).map_err(|_| fail(0, "cannot be read"))?);
+    let text = std::str::from_utf8(&bytes).map_err(|_| fail(0, "is not UTF-8"))?;
+    let mut clients: Vec<Client> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_matches([' ', '\t', '\r']);
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, key) =
+            (line.split_once([' ', '\t'])).ok_or_else(|| fail(i + 1, "expected NAME KEY"))?;
+        let key = Secret::new(key.trim_matches([' ', '\t']));
+        let client = entry(name, &key, true).map_err(|err| match err {
+            Error::BadClientName => fail(i + 1, "bad client name"),
+            _ => fail(i + 1, "bad key (empty or a control byte)"),
+        })?;
+        check_unique(&clients, &client).map_err(|_| fail(i + 1, "duplicate name or key"))?;
+        clients.push(client);
+    }
+    Ok(clients)
+}
+
 /// A client entry for `name` and `key`, both validated.
-fn entry(name: &str, key: &Secret) -> Result<Client, Error> {
+fn entry(name: &str, key: &Secret, from_file: bool) -> Result<Client, Error> {
     let valid_name = (1..=64).contains(&name.len())
         && (name.bytes()).all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !valid_name {
@@ -98,6 +135,7 @@ fn entry(name: &str, key: &Secret) -> Result<Client, Error> {
     Ok(Client {
         name: name.into(),
         digest: sha256(key.expose()),
+        from_file,
     })
 }
 

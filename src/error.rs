@@ -191,6 +191,9 @@ pub enum Error {
     SecretFile(String, &'static str),
     /// No route has this prefix (`ProxyHandle::set_header`).
     UnknownRoute(String),
+    /// A clients file that cannot be used: its path, the line (0: the whole
+    /// file) and why.
+    ClientsFile(String, usize, &'static str),
 }
 
 impl fmt::Display for Error {
@@ -228,6 +231,10 @@ impl fmt::Display for Error {
             Error::Random => f.write_str("the operating system's random generator failed"),
             Error::SecretFile(path, why) => write!(f, "secret file {path}: {why}"),
             Error::UnknownRoute(prefix) => write!(f, "no route has the prefix {prefix:?}"),
+            Error::ClientsFile(path, 0, why) => write!(f, "clients file {path}: {why}"),
+            Error::ClientsFile(path, line, why) => {
+                write!(f, "clients file {path}, line {line}: {why}")
+            }
         }
     }
 }

@@ -20,7 +20,8 @@ use tracing::span;
 mod json;
 
 const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client-key VALUE]
-               [--client NAME=VALUE]... [--require-client-key] [--log-format text|json]
+               [--client NAME=VALUE]... [--clients-file PATH] [--require-client-key]
+               [--log-format text|json]
                [--allow-host NAME]... [--upstream-timeout SECS] [--idle-timeout SECS]
                [--head-timeout SECS] [--drain-timeout SECS] [--connect-timeout SECS]
                [--max-connections N] [--max-body-bytes N] [--max-head-bytes N]
@@ -37,6 +38,7 @@ struct Cli {
     listen: SocketAddr,
     routes: Vec<CliRoute>,
     clients: Vec<(String, Secret)>,
+    clients_file: Option<String>,
     require_client_key: bool,
     allow_hosts: Vec<String>,
     ca_files: Vec<String>,
@@ -417,6 +419,9 @@ async fn run(cli: Cli) -> ExitCode {
     if cli.require_client_key {
         builder = builder.require_client_key();
     }
+    if let Some(path) = &cli.clients_file {
+        builder = builder.clients_file(path);
+    }
     for host in &cli.allow_hosts {
         builder = builder.allow_host(host);
     }
@@ -475,6 +480,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         routes: Vec::new(),
         clients: Vec::new(),
+        clients_file: None,
         require_client_key: false,
         allow_hosts: Vec::new(),
         ca_files: Vec::new(),
@@ -520,6 +526,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
                 cli.clients.push((name.to_owned(), key));
             }
             "--require-client-key" => cli.require_client_key = true,
+            "--clients-file" => cli.clients_file = Some(value()?),
             "--allow" => {
                 let route = cli.routes.pop().ok_or("--allow must follow a --route")?;
                 cli.routes.push(route.allow(&value()?)?);

@@ -130,8 +130,9 @@ impl RouteTable {
     }
 
     /// Reads every value that came from a file again; all or nothing: if one
-    /// fails, nothing changes and the error says which.
-    pub(crate) fn reload(&self) -> Result<(), Error> {
+    /// fails, nothing changes and the error says which. With `clients` (the
+    /// clients file, read again), the file's clients are replaced too.
+    pub(crate) fn reload(&self, clients: Option<Vec<crate::clients::Client>>) -> Result<(), Error> {
         let mut fresh = Vec::with_capacity(self.routes.len());
         for (route, current) in self.routes.iter().zip(&self.values) {
             let current = current
@@ -145,6 +146,9 @@ impl RouteTable {
                 next.push(value);
             }
             fresh.push(next);
+        }
+        if let Some(clients) = clients {
+            self.clients.replace_file_clients(clients)?;
         }
         for (slot, next) in self.values.iter().zip(fresh) {
             *slot.write().unwrap_or_else(PoisonError::into_inner) = next.into();

@@ -43,6 +43,7 @@ impl Proxy {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             routes: Vec::new(),
             clients: Vec::new(),
+            clients_file: None,
             require_client_key: false,
             listener: None,
             allowed_hosts: Vec::new(),
@@ -60,6 +61,7 @@ pub struct Builder {
     listen: SocketAddr,
     routes: Vec<Route>,
     clients: Vec<(String, Secret)>,
+    clients_file: Option<String>,
     require_client_key: bool,
     /// A socket the caller bound (see `Builder::listener`).
     listener: Option<std::net::TcpListener>,
@@ -76,6 +78,7 @@ impl Clone for Builder {
             listen: self.listen,
             routes: self.routes.clone(),
             clients: self.clients.clone(),
+            clients_file: self.clients_file.clone(),
             require_client_key: self.require_client_key,
             listener: (self.listener.as_ref()).and_then(|l| l.try_clone().ok()),
             allowed_hosts: self.allowed_hosts.clone(),
@@ -114,6 +117,15 @@ impl Builder {
     #[must_use]
     pub fn client(mut self, name: &str, key: Secret) -> Builder {
         self.clients.push((name.to_owned(), key));
+        self
+    }
+
+    /// Registers the clients listed in a file (`NAME KEY` per line; empty
+    /// lines and `#` comments skipped), read at start and again by
+    /// `ProxyHandle::reload`, which revokes clients no longer listed.
+    #[must_use]
+    pub fn clients_file(mut self, path: &str) -> Builder {
+        self.clients_file = Some(path.to_owned());
         self
     }
 
@@ -169,10 +181,14 @@ impl Builder {
                 return Err(Error::DuplicatePrefix(route.prefix.clone()));
             }
         }
-        let required = self.require_client_key || !self.clients.is_empty();
+        let required =
+            self.require_client_key || !self.clients.is_empty() || self.clients_file.is_some();
         let clients = Arc::new(Clients::new(required));
         for (name, key) in &self.clients {
             clients.add(name, key)?;
+        }
+        if let Some(path) = &self.clients_file {
+            clients.replace_file_clients(crate::clients::read_clients_file(path)?)?;
         }
         let connector = upstream::tls_connector(&self.ca_pems)?;
         let table = RouteTable::new(self.routes, clients, self.allowed_hosts);
@@ -216,6 +232,7 @@ impl Builder {
         );
         Ok(ProxyHandle {
             local_addr,
+            clients_file: self.clients_file,
             phase: phase_tx,
             permits,
             shared,
@@ -228,6 +245,7 @@ impl Builder {
 /// at once; `shutdown` does the same gracefully.
 pub struct ProxyHandle {
     local_addr: SocketAddr,
+    clients_file: Option<String>,
     phase: watch::Sender<Phase>,
     permits: Arc<Semaphore>,
     shared: Arc<Shared>,
@@ -279,12 +297,16 @@ impl ProxyHandle {
         self.shared.table.set_header(prefix, name, value)
     }
 
-    /// Reads every `${file:…}` value again, all or nothing: on success the
-    /// requests whose head is read afterwards use the new values (those in
-    /// flight keep theirs); on failure nothing changes and the error names
+    /// Reads every `${file:…}` value and the clients file again, all or
+    /// nothing: on success the requests whose head is read afterwards use
+    /// the new values (those in flight keep theirs) and clients gone from
+    /// the file are revoked; on failure nothing changes and the error names
     /// the file.
     pub fn reload(&self) -> Result<(), Error> {
-        self.shared.table.reload()?;
+        let clients = (self.clients_file.as_deref())
+            .map(crate::clients::read_clients_file)
+            .transpose()?;
+        self.shared.table.reload(clients)?;
         tracing::info!("reloaded");
         Ok(())
     }

@@ -356,3 +356,50 @@ async fn reload_reads_file_secrets_again_all_or_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(Secret::from_file("/nonexistent/keyhole-secret").is_err());
 }
+
+#[tokio::test]
+async fn clients_file_is_read_at_start_and_on_reload_revoking_removed_clients() {
+    let upstream = Upstream::start(|_| ok("in")).await;
+    let path = std::env::temp_dir().join(format!("keyhole-clients-{}", std::process::id()));
+    std::fs::write(&path, "# sandboxes\n\nbox-1 key-one\nbox-2\t key two \n").unwrap();
+    let file = path.to_str().unwrap().to_owned();
+    let proxy = keyhole(&upstream, |b| {
+        b.clients_file(&file).client("lib", Secret::new("key-lib"))
+    })
+    .await;
+    let addr = proxy.local_addr();
+    let check =
+        |key: &'static str| async move { request(addr, &with_key(key, "/")).await.unwrap().status };
+    assert_eq!(check("key-one").await, 200);
+    assert_eq!(check("key two").await, 200);
+    assert_eq!(check("key-lib").await, 200);
+    std::fs::write(&path, "box-2 key two\nbox-3 key-three\n").unwrap();
+    proxy.reload().unwrap();
+    assert_eq!(check("key-one").await, 401);
+    assert_eq!(check("key two").await, 200);
+    assert_eq!(check("key-three").await, 200);
+    assert_eq!(check("key-lib").await, 200);
+    // Malformed: nothing changes, the error names file and line, never a key.
+    std::fs::write(&path, "box-4 key-four\nbox-5\n").unwrap();
+    let err = proxy.reload().unwrap_err().to_string();
+    assert!(
+        err.contains(&file) && err.contains("line 2") && !err.contains("key-"),
+        "{err}"
+    );
+    assert_eq!(check("key-three").await, 200);
+    assert_eq!(check("key-four").await, 401);
+    // A key that another client already has is refused too.
+    std::fs::write(&path, "box-6 key-lib\n").unwrap();
+    assert!(proxy.reload().is_err());
+    assert_eq!(check("key-three").await, 200);
+    std::fs::write(&path, "box-1 same\nbox-2 same\n").unwrap();
+    let err = keyhole::Proxy::builder()
+        .route(Route::new("/", &upstream.url("")).unwrap())
+        .clients_file(&file)
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 2") && !err.contains("same"), "{err}");
+    let _ = std::fs::remove_file(&path);
+}
