@@ -79,6 +79,23 @@ impl Secret {
         Ok(Secret(out, source))
     }
 
+    /// Warns about each file this value was read from that every user may
+    /// read (mode bit `0o004`): the key is then not the operator's alone.
+    pub(crate) fn warn_if_world_readable(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut rest = self.1.as_deref().unwrap_or_default();
+        while let Some((_, after)) = rest.split_once("${file:") {
+            let Some((path, tail)) = after.split_once('}') else {
+                return;
+            };
+            let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
+            if mode & 0o004 != 0 {
+                tracing::warn!(path, "secret file is readable by every user");
+            }
+            rest = tail;
+        }
+    }
+
     /// The value read again from its files, if it came from any.
     pub(crate) fn reread(&self) -> Option<Result<Secret, Error>> {
         self.1.as_deref().map(Secret::from_template)

@@ -186,6 +186,13 @@ impl Builder {
         let clients = Arc::new(Clients::new(required));
         for (name, key) in &self.clients {
             clients.add(name, key)?;
+            key.warn_if_world_readable();
+        }
+        for route in &self.routes {
+            route
+                .headers
+                .iter()
+                .for_each(|(_, v)| v.warn_if_world_readable());
         }
         if let Some(path) = &self.clients_file {
             clients.replace_file_clients(crate::clients::read_clients_file(path)?)?;

@@ -783,6 +783,8 @@ async fn sighup_reloads_file_secrets_and_clients_and_allowlists_work_from_the_co
     std::fs::write(&ca_file, &upstream.ca_pem).unwrap();
     let key_file = temp_path("hup-key");
     std::fs::write(&key_file, "upstream-key-1\n").unwrap();
+    let shared = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+    std::fs::set_permissions(&key_file, shared).unwrap();
     let route = format!("/api={}", upstream.url("/base"));
     let header = format!("x-api-key=${{file:{}}}", key_file.display());
     let run = spawn(
@@ -863,6 +865,11 @@ async fn sighup_reloads_file_secrets_and_clients_and_allowlists_work_from_the_co
         "{stderr}"
     );
     assert!(stderr.contains(" client=alpha "), "{stderr}");
+    // Mode 0644: every user may read it.
+    assert!(
+        stderr.contains("  WARN secret file is readable by every user path="),
+        "{stderr}"
+    );
     assert!(
         !stderr.contains("upstream-key") && !stderr.contains("alpha-secret"),
         "{stderr}"
