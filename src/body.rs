@@ -16,6 +16,10 @@
 
 use crate::config::{is_control, is_tchar};
 use crate::head::Framing;
+use std::sync::Arc;
+
+use crate::budget::Budget;
+use crate::usage::{BodyKind, Usage, UsageScan};
 
 /// Most chunk-extension bytes per body. RFC 9112 §7.1.1 asks a recipient to
 /// limit them; keyhole drops them anyway, so the cap only bounds the work a
@@ -113,7 +117,7 @@ enum Trailer {
 }
 
 /// Consumes one body, validating its framing and writing it re-framed.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Reframer {
     /// Where in the body the next byte falls.
     state: State,
@@ -127,6 +131,15 @@ pub(crate) struct Reframer {
     trailer_bytes: u32,
     /// Trailer lines seen, against `MAX_TRAILER_LINES`.
     trailer_lines: u32,
+    /// Reads the model-token usage out of the payload (token budgets).
+    usage: Option<Box<Observer>>,
+}
+
+/// A usage scanner, and the budget to charge once the body is complete.
+#[derive(Debug)]
+struct Observer {
+    scan: UsageScan,
+    charge: Option<Arc<Budget>>,
 }
 
 /// The body's framing, and how far it has got.
@@ -155,6 +168,40 @@ impl Reframer {
         Reframer {
             state,
             ..Reframer::default()
+        }
+    }
+
+    /// Shows every payload byte from now on to a usage scanner for `kind`,
+    /// whose tokens `settle` charges to `budget`.
+    pub(crate) fn observe_usage(&mut self, kind: BodyKind, budget: Arc<Budget>) {
+        let scan = UsageScan::new(kind);
+        let charge = Some(budget);
+        self.usage = Some(Box::new(Observer { scan, charge }));
+    }
+
+    /// The usage seen in the payload, if it was observed.
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        self.usage.as_ref().map(|o| o.scan.usage())
+    }
+
+    /// Charges the usage seen to the budget, once: called when the body is
+    /// complete, before its last bytes are written (so that the client's
+    /// next request finds the budget charged), or when the relay stops.
+    pub(crate) fn settle(&mut self) {
+        let Some(observer) = &mut self.usage else {
+            return;
+        };
+        let usage = observer.scan.usage();
+        if let Some(budget) = observer.charge.take().filter(|_| usage.seen()) {
+            budget.charge(usage.tokens_in(), usage.tokens_out());
+        }
+    }
+
+    /// Counts a run of payload bytes, and shows it to the usage scanner.
+    fn payload_run(&mut self, bytes: &[u8]) {
+        self.payload += bytes.len() as u64;
+        if let Some(observer) = &mut self.usage {
+            observer.scan.feed(bytes);
         }
     }
 
@@ -194,7 +241,7 @@ impl Reframer {
             State::Done => 0,
             State::Chunked(_) | State::UntilClose => return None,
         };
-        self.payload += take as u64;
+        self.payload_run(&input[..take]);
         Some(take)
     }
 
@@ -214,7 +261,7 @@ impl Reframer {
                 write_size(out, input.len() as u64);
                 out.extend_from_slice(input);
                 out.extend_from_slice(b"\r\n");
-                self.payload += input.len() as u64;
+                self.payload_run(input);
             }
             return Ok(input.len());
         }
@@ -296,7 +343,7 @@ impl Reframer {
     fn data(&mut self, remaining: u64, input: &[u8], out: &mut Vec<u8>) -> (Chunk, usize) {
         let take = run(remaining, input.len());
         out.extend_from_slice(&input[..take]);
-        self.payload += take as u64;
+        self.payload_run(&input[..take]);
         match remaining - take as u64 {
             0 => (Chunk::DataCr, take),
             left => (Chunk::Data { remaining: left }, take),

@@ -11,15 +11,17 @@ use std::sync::{Arc, PoisonError, RwLock};
 use ring::digest::{digest, SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::budget::{Budget, ClientLimits, Usage};
 use crate::config::Secret;
 use crate::error::Error;
 use crate::route::constant_time_eq;
 
-/// A registered client: its name and the digest of its key.
+/// A registered client: its name, the digest of its key, its budget.
 #[derive(Clone)]
 pub(crate) struct Client {
     pub(crate) name: Arc<str>,
     digest: [u8; 32],
+    budget: Arc<Budget>,
     /// Registered by the clients file, so a reload may revoke it.
     from_file: bool,
 }
@@ -37,34 +39,62 @@ impl std::fmt::Debug for Client {
 pub(crate) struct Clients {
     /// Requests must carry a registered key (even while none is).
     pub(crate) required: bool,
+    /// The limits of clients registered without their own.
+    defaults: ClientLimits,
+    /// The budget unidentified requests share, when keys are not required
+    /// and limits are set.
+    pub(crate) anonymous: Option<Arc<Budget>>,
     entries: RwLock<Vec<Client>>,
 }
 
 impl Clients {
-    /// An empty registry.
-    pub(crate) fn new(required: bool) -> Clients {
+    /// An empty registry; `defaults` applies to clients without limits of
+    /// their own (and, when keys are not required, to all requests).
+    pub(crate) fn new(required: bool, defaults: ClientLimits) -> Clients {
+        let limited = defaults != ClientLimits::default();
         Clients {
             required,
+            defaults,
+            anonymous: (!required && limited).then(|| Arc::new(Budget::new("-".into(), defaults))),
             entries: RwLock::new(Vec::new()),
         }
     }
 
-    /// The name of the client whose key this is.
-    pub(crate) fn lookup(&self, key: &[u8]) -> Option<Arc<str>> {
+    /// The budget (and name) of the client whose key this is.
+    pub(crate) fn lookup(&self, key: &[u8]) -> Option<Arc<Budget>> {
         let presented = sha256(key);
         let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
         let mut found = None;
         for client in entries.iter() {
             if constant_time_eq(&client.digest, &presented) {
-                found = Some(client.name.clone());
+                found = Some(client.budget.clone());
             }
         }
         found
     }
 
-    /// Registers `name` with `key`; fails if either is taken or invalid.
-    pub(crate) fn add(&self, name: &str, key: &Secret) -> Result<(), Error> {
-        let client = entry(name, key, false)?;
+    /// What the client `name` (`-`: unidentified requests) has used.
+    pub(crate) fn usage(&self, name: &str) -> Option<Usage> {
+        if name == "-" {
+            return self.anonymous.as_ref().map(|b| b.usage());
+        }
+        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        let client = entries.iter().find(|c| &*c.name == name)?;
+        Some(client.budget.usage())
+    }
+
+    /// Registers `name` with `key` and `limits` (the defaults if `None`);
+    /// fails if either is taken or invalid.
+    pub(crate) fn add(
+        &self,
+        name: &str,
+        key: &Secret,
+        limits: Option<ClientLimits>,
+    ) -> Result<(), Error> {
+        let limits = limits.unwrap_or(self.defaults);
+        limits.validate()?;
+        let mut client = entry(name, key, false)?;
+        client.budget = Arc::new(Budget::new(client.name.clone(), limits));
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         check_unique(&entries, &client)?;
         entries.push(client);
@@ -87,8 +117,15 @@ impl Clients {
     pub(crate) fn replace_file_clients(&self, fresh: Vec<Client>) -> Result<(), Error> {
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         let mut next: Vec<Client> = entries.iter().filter(|c| !c.from_file).cloned().collect();
-        for client in fresh {
+        for mut client in fresh {
             check_unique(&next, &client)?;
+            // A client still listed keeps what it has spent.
+            let same =
+                |c: &&Client| c.from_file && c.name == client.name && c.digest == client.digest;
+            client.budget = match entries.iter().find(same) {
+                Some(kept) => kept.budget.clone(),
+                None => Arc::new(Budget::new(client.name.clone(), self.defaults)),
+            };
             next.push(client);
         }
         *entries = next;
@@ -132,8 +169,10 @@ fn entry(name: &str, key: &Secret, from_file: bool) -> Result<Client, Error> {
         return Err(Error::BadClientName);
     }
     crate::config::check_value(key, &format!("client {name}"))?;
+    let name: Arc<str> = name.into();
     Ok(Client {
-        name: name.into(),
+        budget: Arc::new(Budget::new(name.clone(), ClientLimits::default())),
+        name,
         digest: sha256(key.expose()),
         from_file,
     })
@@ -198,40 +237,51 @@ mod tests {
 
     #[test]
     fn lookup_finds_only_registered_keys() {
-        let clients = Clients::new(true);
-        clients.add("a", &Secret::new("key-a")).unwrap();
-        clients.add("b", &Secret::new("key-b")).unwrap();
-        assert_eq!(clients.lookup(b"key-a").as_deref(), Some("a"));
-        assert_eq!(clients.lookup(b"key-b").as_deref(), Some("b"));
-        assert_eq!(clients.lookup(b"key-"), None);
-        assert_eq!(clients.lookup(b""), None);
+        let clients = Clients::new(true, ClientLimits::default());
+        clients.add("a", &Secret::new("key-a"), None).unwrap();
+        clients.add("b", &Secret::new("key-b"), None).unwrap();
+        assert_eq!(
+            clients.lookup(b"key-a").map(|b| b.name.clone()).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            clients.lookup(b"key-b").map(|b| b.name.clone()).as_deref(),
+            Some("b")
+        );
+        assert!(clients.lookup(b"key-").is_none());
+        assert!(clients.lookup(b"").is_none());
         assert!(clients.remove("a"));
         assert!(!clients.remove("a"));
-        assert_eq!(clients.lookup(b"key-a"), None);
-        assert_eq!(clients.lookup(b"key-b").as_deref(), Some("b"));
+        assert!(clients.lookup(b"key-a").is_none());
+        assert_eq!(
+            clients.lookup(b"key-b").map(|b| b.name.clone()).as_deref(),
+            Some("b")
+        );
     }
 
     #[test]
     fn names_and_keys_are_unique_and_valid() {
-        let clients = Clients::new(true);
-        clients.add("a", &Secret::new("k1")).unwrap();
+        let clients = Clients::new(true, ClientLimits::default());
+        clients.add("a", &Secret::new("k1"), None).unwrap();
         assert!(matches!(
-            clients.add("a", &Secret::new("k2")),
+            clients.add("a", &Secret::new("k2"), None),
             Err(Error::DuplicateClient(_))
         ));
         assert!(matches!(
-            clients.add("b", &Secret::new("k1")),
+            clients.add("b", &Secret::new("k1"), None),
             Err(Error::DuplicateClientKey(_))
         ));
         for bad in ["", "a b", "é", &"x".repeat(65)] {
             assert!(matches!(
-                clients.add(bad, &Secret::new("k3")),
+                clients.add(bad, &Secret::new("k3"), None),
                 Err(Error::BadClientName)
             ));
         }
-        assert!(clients.add(&"x".repeat(64), &Secret::new("k3")).is_ok());
-        assert!(clients.add("c", &Secret::new("")).is_err());
-        assert!(clients.add("c", &Secret::new("a\nb")).is_err());
+        assert!(clients
+            .add(&"x".repeat(64), &Secret::new("k3"), None)
+            .is_ok());
+        assert!(clients.add("c", &Secret::new(""), None).is_err());
+        assert!(clients.add("c", &Secret::new("a\nb"), None).is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::record::{self, Record};
 use crate::relay::{self, HeadError, InBuf, PooledBuf, PumpError};
 use crate::route::{Forward, RouteTable};
 use crate::upstream::{Connection, Upstream};
+use crate::usage::{self, BodyKind, Usage};
 
 /// The server's life cycle, watched by every connection; phases only move
 /// forward, in declaration order.
@@ -220,8 +221,13 @@ impl<S: ClientIo> Handler<'_, S> {
             Err(refusal) => return self.refuse(refusal).await,
         };
         self.record.route = forward.route();
-        self.record.client = forward.client().cloned();
-        match self.exchange(&forward).await {
+        let admission = forward.admission();
+        self.record.client = admission.map(|a| a.budget().name.clone());
+        let exchanged = self.exchange(&forward).await;
+        if let Some(admission) = admission {
+            admission.finish(self.record.bytes_in, self.record.bytes_out);
+        }
+        match exchanged {
             Ok(next) => {
                 self.record.log(&shared.table, None);
                 next
@@ -282,7 +288,8 @@ impl<S: ClientIo> Handler<'_, S> {
         self.record.bytes_in = body.payload();
         // A drain that began during the exchange still gets its close.
         let close = *self.phase.borrow() != Phase::Running || forward.close();
-        self.relay_response(upstream, conn, response, close).await
+        self.relay_response(upstream, forward, conn, response, close)
+            .await
     }
 
     /// Sends the head and the body bytes that came with it in one write;
@@ -348,12 +355,12 @@ impl<S: ClientIo> Handler<'_, S> {
                 Instant::now()
             };
             let id = std::mem::take(&mut self.record.request_id);
-            let head = read_final_head(&mut conn.stream, forward.is_head(), id);
+            let head = read_final_head(&mut conn.stream, forward, id);
             return self.await_head(sent_at, head).await.map(Some);
         }
         let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
         let id = std::mem::take(&mut self.record.request_id);
-        let mut head = pin!(read_final_head(&mut reader, forward.is_head(), id));
+        let mut head = pin!(read_final_head(&mut reader, forward, id));
         let pump = relay::pump(
             &mut self.stream,
             &mut self.input,
@@ -422,6 +429,7 @@ impl<S: ClientIo> Handler<'_, S> {
     async fn relay_response(
         &mut self,
         upstream: &Upstream,
+        forward: &Forward,
         mut conn: Connection,
         mut response: Response,
         close: bool,
@@ -442,6 +450,9 @@ impl<S: ClientIo> Handler<'_, S> {
         }
         out.extend_from_slice(b"\r\n");
         let mut body = Reframer::new(response.framing);
+        if let (Some(kind), Some(admission)) = (response.usage, forward.admission()) {
+            body.observe_usage(kind, admission.budget().clone());
+        }
         // Body bytes that came with the head are checked before the head is
         // sent, so bad framing there is still a clean 502.
         if !response.input.is_empty() && !body.is_done() {
@@ -460,6 +471,10 @@ impl<S: ClientIo> Handler<'_, S> {
         )
         .await;
         self.record.bytes_out = body.payload();
+        // A cut-off response is charged what it reported so far.
+        body.settle();
+        let usage = body.usage().filter(Usage::seen);
+        self.record.tokens = usage.map(|u| (u.tokens_in(), u.tokens_out()));
         if let Err(err) = relayed {
             tracing::debug!(?err, "response relay stopped");
             self.record.status = match err {
@@ -508,6 +523,8 @@ struct Response {
     /// The response's `request-id` or `x-request-id`, for the log (the
     /// record's buffer, lent).
     request_id: String,
+    /// The kind of body whose model-token usage is read (token budgets).
+    usage: Option<BodyKind>,
 }
 
 /// Reads response heads until a final one: interim 1xx are swallowed, at
@@ -515,7 +532,7 @@ struct Response {
 /// Continue).
 async fn read_final_head<R>(
     reader: &mut R,
-    is_head: bool,
+    forward: &Forward,
     mut request_id: String,
 ) -> Result<Response, Refusal>
 where
@@ -537,7 +554,7 @@ where
             }
         })?;
         let mut storage = head::header_array();
-        let res = head::parse_response(&input.data()[..head_len], &mut storage, is_head)?;
+        let res = head::parse_response(&input.data()[..head_len], &mut storage, forward.is_head())?;
         if res.status < 200 {
             input.consume(head_len);
             continue;
@@ -552,6 +569,15 @@ where
         if let Some(id) = res.headers.iter().find(id_field) {
             record::keep_request_id(&mut request_id, id.value);
         }
+        let usage = if forward.counts_tokens() {
+            let content_type = res
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-type"));
+            content_type.and_then(|h| usage::body_kind(h.value))
+        } else {
+            None
+        };
         let (status, framing, close) = (res.status, res.framing, res.close);
         input.consume(head_len);
         return Ok(Response {
@@ -562,6 +588,7 @@ where
             close,
             request_complete: true,
             request_id,
+            usage,
         });
     }
     Err(Refusal::BadGateway("too many interim responses"))
@@ -630,7 +657,10 @@ mod tests {
                 .header("x-api-key", Secret::new("injected-key"));
             let table = RouteTable::new(
                 vec![route],
-                Arc::new(crate::clients::Clients::new(false)),
+                Arc::new(crate::clients::Clients::new(
+                    false,
+                    crate::budget::ClientLimits::default(),
+                )),
                 Vec::new(),
             );
             let wakeup = Arc::new(Wakeup::default());

@@ -7,6 +7,17 @@
 
 use std::fmt;
 
+/// Which of a client's budgets refused a request (README "Spend controls").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// Too many requests in flight.
+    Concurrency,
+    /// The request-rate bucket is empty.
+    Rate,
+    /// The model-token bucket is empty.
+    Tokens,
+}
+
 /// A response keyhole generates itself, then closes the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -32,6 +43,9 @@ pub(crate) enum Refusal {
     ExpectationFailed,
     /// 431: request head over the size or line limit.
     HeadTooLarge,
+    /// 429: the client's budget refuses the request; retry after the
+    /// seconds given.
+    Limited(Limit, u32),
     /// 502: the upstream's response broke a rule, or it closed without one.
     BadGateway(&'static str),
     /// 502: no connection to the upstream (DNS, TCP).
@@ -95,6 +109,16 @@ impl Refusal {
                 "Request Header Fields Too Large",
                 "request head too large",
             ),
+            Refusal::Limited(limit, _) => {
+                let (code, why) = match limit {
+                    Limit::Concurrency => {
+                        ("concurrency", "too many requests in flight for this client")
+                    }
+                    Limit::Rate => ("rate", "this client's request rate is spent"),
+                    Limit::Tokens => ("tokens", "this client's model-token budget is spent"),
+                };
+                (429, code, "Too Many Requests", why)
+            }
             Refusal::BadGateway(why) => (502, "upstream-malformed", "Bad Gateway", why),
             Refusal::Unreachable(why) => (502, "upstream-unreachable", "Bad Gateway", why),
             Refusal::UpstreamTls => (
@@ -136,8 +160,12 @@ impl Refusal {
     /// The whole response: status line, fixed headers, the reason as body.
     pub(crate) fn response(self) -> Vec<u8> {
         let (status, code, phrase, body) = self.answer();
+        let retry = match self {
+            Refusal::Limited(_, seconds) => format!("retry-after: {seconds}\r\n"),
+            _ => String::new(),
+        };
         format!(
-            "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\nkeyhole-error: {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}\n",
+            "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\nkeyhole-error: {code}\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n{body}\n",
             body.len() + 1,
         )
         .into_bytes()

@@ -72,7 +72,10 @@ fn fuzz_table() -> Option<crate::route::RouteTable> {
     ];
     Some(crate::route::RouteTable::new(
         routes,
-        std::sync::Arc::new(crate::clients::Clients::new(false)),
+        std::sync::Arc::new(crate::clients::Clients::new(
+            false,
+            crate::budget::ClientLimits::default(),
+        )),
         Vec::new(),
     ))
 }

@@ -72,6 +72,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod budget;
 mod clients;
 mod config;
 mod conn;
@@ -82,6 +83,7 @@ mod relay;
 mod route;
 mod server;
 mod upstream;
+mod usage;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -92,6 +94,7 @@ pub mod fuzzing;
 #[doc(hidden)]
 pub mod json;
 
+pub use budget::{ClientLimits, Usage};
 pub use config::{Limits, Route, Secret};
 pub use error::Error;
 pub use server::{Builder, Proxy, ProxyHandle};

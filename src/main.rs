@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keyhole::{Limits, Proxy, Route, Secret};
+use keyhole::{ClientLimits, Limits, Proxy, Route, Secret};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
@@ -26,6 +26,7 @@ const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client
                [--head-timeout SECS] [--drain-timeout SECS] [--connect-timeout SECS]
                [--max-connections N] [--max-body-bytes N] [--max-head-bytes N]
                [--max-headers N] [--threads N] [--log-level LEVEL]
+               [--max-concurrent N] [--max-requests-per-minute N] [--max-tokens-per-hour N]
                (--route PREFIX=URL [--header NAME=VALUE]... [--allow 'METHOD PATTERN']...)...
        keyhole --version
 `${VAR}` in a header value or client key is read from the environment,
@@ -43,6 +44,7 @@ struct Cli {
     allow_hosts: Vec<String>,
     ca_files: Vec<String>,
     limits: Limits,
+    budgets: ClientLimits,
     threads: Option<usize>,
     log_level: tracing::Level,
     log_json: bool,
@@ -407,7 +409,9 @@ impl Log {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let mut builder = Proxy::builder().listen(cli.listen).limits(cli.limits);
+    let mut builder = (Proxy::builder().listen(cli.listen))
+        .limits(cli.limits)
+        .client_limits(cli.budgets);
     let mut shown = Vec::with_capacity(cli.routes.len());
     for r in cli.routes {
         builder = builder.route(r.route);
@@ -485,6 +489,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
         allow_hosts: Vec::new(),
         ca_files: Vec::new(),
         limits: Limits::default(),
+        budgets: ClientLimits::default(),
         threads: None,
         log_level: tracing::Level::INFO,
         log_json: false,
@@ -553,6 +558,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
             "--max-body-bytes" => cli.limits.max_body_bytes = Some(number(&flag, &value()?)?),
             "--max-head-bytes" => cli.limits.max_head_bytes = number(&flag, &value()?)?,
             "--max-headers" => cli.limits.max_headers = number(&flag, &value()?)?,
+            "--max-concurrent" => cli.budgets.max_concurrent = Some(number(&flag, &value()?)?),
+            "--max-requests-per-minute" => {
+                cli.budgets.max_requests_per_minute = Some(number(&flag, &value()?)?);
+            }
+            "--max-tokens-per-hour" => {
+                cli.budgets.max_tokens_per_hour = Some(number(&flag, &value()?)?);
+            }
             "--threads" => cli.threads = Some(number(&flag, &value()?)?),
             "--log-level" => {
                 cli.log_level = parsed(&flag, &value()?, "error, warn, info, debug or trace")?;

@@ -29,6 +29,8 @@ pub(crate) struct Record {
     pub(crate) request_id: String,
     /// When the exchange ended, if the clock was already read for it.
     pub(crate) ended: Option<Instant>,
+    /// Model tokens in and out the response reported (token budgets).
+    pub(crate) tokens: Option<(u64, u64)>,
 }
 
 /// Longest upstream request id kept for the log.
@@ -49,6 +51,7 @@ impl Record {
             upstream_ms: None,
             request_id: String::new(),
             ended: None,
+            tokens: None,
         }
     }
 
@@ -65,6 +68,7 @@ impl Record {
         self.upstream_ms = None;
         self.request_id.clear();
         self.ended = None;
+        self.tokens = None;
     }
 
     /// Gives up the strings' memory while the connection is idle.
@@ -108,6 +112,8 @@ impl Record {
             duration_ms,
             upstream_ms = self.upstream_ms,
             upstream_request_id = request_id,
+            tokens_in = self.tokens.map(|t| t.0),
+            tokens_out = self.tokens.map(|t| t.1),
             error = error.map(|(code, _)| code),
             reason = error.map(|(_, reason)| reason),
             "request"

@@ -328,6 +328,9 @@ where
             // Plain bodies go straight from the read buffer to the socket.
             if out.is_empty() {
                 if let Some(n) = body.passthrough(input.data()) {
+                    if body.is_done() {
+                        body.settle();
+                    }
                     write_all(dst, &input.data()[..n], idle).await?;
                     input.consume(n);
                 }
@@ -339,6 +342,9 @@ where
             if max_payload.is_some_and(|max| body.payload() > max) {
                 return Err(PumpError::TooLarge);
             }
+        }
+        if body.is_done() {
+            body.settle();
         }
         if !out.is_empty() {
             write_all(dst, out, idle).await?;
@@ -355,6 +361,7 @@ where
                 if !body.finish_at_close(out) {
                     return Err(PumpError::SourceClosed);
                 }
+                body.settle();
                 write_all(dst, out, idle).await?;
                 out.clear();
                 return flush(dst, idle).await;

@@ -9,6 +9,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use zeroize::Zeroize;
 
+use crate::budget::{Admission, Budget};
 use crate::clients::Clients;
 use crate::config::{check_value, Route, Secret};
 use crate::error::Error;
@@ -31,8 +32,10 @@ pub(crate) struct RouteTable {
 /// `RouteTable::forward` builds one, and `Upstream::send` takes nothing else.
 pub(crate) struct Forward {
     route: usize,
-    /// The client whose key the request carried, when keys are required.
-    client: Option<Arc<str>>,
+    /// The client whose key the request carried (when keys are required,
+    /// or the shared budget when limits are on), holding its concurrency
+    /// slot while this lives.
+    admission: Option<Admission>,
     /// The upstream head, which holds injected secrets: reserved exactly
     /// once so it never reallocates (a reallocation would free a copy of
     /// the key unzeroed), and zeroed on drop.
@@ -68,9 +71,13 @@ impl Forward {
     pub(crate) fn head(&self) -> &[u8] {
         &self.head
     }
-    /// The client whose key the request carried, when keys are required.
-    pub(crate) fn client(&self) -> Option<&Arc<str>> {
-        self.client.as_ref()
+    /// The admitted client, if any (see `Forward::admission`).
+    pub(crate) fn admission(&self) -> Option<&Admission> {
+        self.admission.as_ref()
+    }
+    /// Are the response's model tokens counted?
+    pub(crate) fn counts_tokens(&self) -> bool {
+        (self.admission.as_ref()).is_some_and(|a| a.budget().limits.counts_tokens())
     }
     /// The request body's framing.
     pub(crate) fn framing(&self) -> Framing {
@@ -193,7 +200,7 @@ impl RouteTable {
         let client = if self.clients.required {
             Some(identify(req.headers, &self.clients).ok_or(Refusal::Unauthorized)?)
         } else {
-            None
+            self.clients.anonymous.clone()
         };
         // Longest prefix on a segment boundary, case-sensitive
         // (docs/strict-profile.md, "Path safety").
@@ -211,6 +218,7 @@ impl RouteTable {
         if !route.allows.is_empty() && !allowed(req, route) {
             return Err(Refusal::NotAllowed);
         }
+        let admission = client.as_ref().map(Budget::admit).transpose()?;
         let framing = req.framing?;
         if req.expect == Expect::Other {
             return Err(Refusal::ExpectationFailed);
@@ -233,10 +241,11 @@ impl RouteTable {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let identity = (client.as_ref()).is_some_and(|c| c.limits.counts_tokens());
         Ok(Forward {
             route: index,
-            client,
-            head: rewrite(req, route, &values, framing),
+            admission,
+            head: rewrite(req, route, &values, framing, identity),
             framing,
             expect_continue: req.expect == Expect::Continue && framing != Framing::Empty,
             is_head: req.method == "HEAD",
@@ -283,20 +292,24 @@ fn is_stripped(name: &str, req: &RequestHead<'_, '_>, route: &Route, nominates: 
         || (nominates && head::is_nominated(req.headers, name))
 }
 
+/// The upstream head. With `identity` (token budgets on), exactly one
+/// `accept-encoding: identity` replaces the client's, so that the usage in
+/// the response can be read (RFC 9110 §12.5.3).
 fn rewrite(
     req: &RequestHead<'_, '_>,
     route: &Route,
     values: &[Secret],
     framing: Framing,
+    identity: bool,
 ) -> Vec<u8> {
     // An upper bound of what is written below, so `out` never grows: the
     // fixed parts (request line and host field framing, the framing field,
-    // the final CRLF) take under 64 bytes, and each client field grows by
+    // `accept-encoding`, the final CRLF) take under 96 bytes, and each client field grows by
     // at most its `: ` and CRLF.
     let fields = req.headers.iter().map(|h| h.name.len() + h.value.len() + 4);
     let injected =
         (route.headers.iter().zip(values)).map(|((n, _), v)| n.len() + v.expose().len() + 4);
-    let bound = 64
+    let bound = 96
         + req.method.len()
         + route.upstream.path.len()
         + req.target.len()
@@ -313,12 +326,16 @@ fn rewrite(
     }
     let nominates = head::nominates_others(req.headers);
     for h in req.headers {
-        if !is_stripped(h.name, req, route, nominates) {
+        let encoding = identity && h.name.eq_ignore_ascii_case("accept-encoding");
+        if !encoding && !is_stripped(h.name, req, route, nominates) {
             head::push_field(&mut out, h.name.as_bytes(), head::trim(h.value));
         }
     }
     for ((name, _), value) in route.headers.iter().zip(values) {
         head::push_field(&mut out, name.as_bytes(), value.expose());
+    }
+    if identity {
+        out.extend_from_slice(b"accept-encoding: identity\r\n");
     }
     head::push_framing(&mut out, framing, None);
     out.extend_from_slice(b"\r\n");
@@ -362,12 +379,12 @@ fn carries_client_key(headers: &[httparse::Header<'_>], key: &[u8]) -> bool {
 
 /// The registered client whose key the request carries, by the same rule:
 /// every credential must carry the same registered key.
-fn identify(headers: &[httparse::Header<'_>], clients: &Clients) -> Option<Arc<str>> {
-    let mut found: Option<Arc<str>> = None;
+fn identify(headers: &[httparse::Header<'_>], clients: &Clients) -> Option<Arc<Budget>> {
+    let mut found: Option<Arc<Budget>> = None;
     let mut all_match = true;
     for candidate in credentials(headers) {
         match (clients.lookup(candidate), &found) {
-            (Some(name), Some(first)) => all_match &= name == *first,
+            (Some(name), Some(first)) => all_match &= Arc::ptr_eq(&name, first),
             (Some(name), None) => found = Some(name),
             (None, _) => all_match = false,
         }
@@ -414,9 +431,9 @@ mod tests {
                 .header("Authorization", Secret::new("Bearer OAI")),
             Route::new("/openai/files", "https://files.example/").unwrap(),
         ];
-        let clients = Clients::new(key.is_some());
+        let clients = Clients::new(key.is_some(), crate::budget::ClientLimits::default());
         if let Some(key) = key {
-            clients.add("default", &Secret::new(key)).unwrap();
+            clients.add("default", &Secret::new(key), None).unwrap();
         }
         RouteTable::new(routes, Arc::new(clients), vec!["allowed.example".into()])
     }
@@ -535,7 +552,7 @@ mod tests {
         );
         let only = RouteTable::new(
             vec![Route::new("/a", "https://h").unwrap()],
-            Arc::new(Clients::new(false)),
+            Arc::new(Clients::new(false, crate::budget::ClientLimits::default())),
             vec![],
         );
         assert_eq!(
@@ -552,7 +569,11 @@ mod tests {
                 .client_key(Secret::new("key-a")),
             Route::new("/b", "https://b.example").unwrap(),
         ];
-        let t = RouteTable::new(routes, Arc::new(Clients::new(false)), vec![]);
+        let t = RouteTable::new(
+            routes,
+            Arc::new(Clients::new(false, crate::budget::ClientLimits::default())),
+            vec![],
+        );
         let go = |path: &str, key: &str| {
             forward(
                 &t,

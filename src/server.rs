@@ -11,6 +11,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::budget::{ClientLimits, Usage};
 use crate::clients::Clients;
 use crate::config::{Limits, Route, Secret};
 use crate::conn::{self, Phase, Shared};
@@ -45,6 +46,7 @@ impl Proxy {
             clients: Vec::new(),
             clients_file: None,
             require_client_key: false,
+            client_limits: ClientLimits::default(),
             listener: None,
             allowed_hosts: Vec::new(),
             ca_pems: Vec::new(),
@@ -63,6 +65,7 @@ pub struct Builder {
     clients: Vec<(String, Secret)>,
     clients_file: Option<String>,
     require_client_key: bool,
+    client_limits: ClientLimits,
     /// A socket the caller bound (see `Builder::listener`).
     listener: Option<std::net::TcpListener>,
     allowed_hosts: Vec<String>,
@@ -80,6 +83,7 @@ impl Clone for Builder {
             clients: self.clients.clone(),
             clients_file: self.clients_file.clone(),
             require_client_key: self.require_client_key,
+            client_limits: self.client_limits,
             listener: (self.listener.as_ref()).and_then(|l| l.try_clone().ok()),
             allowed_hosts: self.allowed_hosts.clone(),
             ca_pems: self.ca_pems.clone(),
@@ -117,6 +121,15 @@ impl Builder {
     #[must_use]
     pub fn client(mut self, name: &str, key: Secret) -> Builder {
         self.clients.push((name.to_owned(), key));
+        self
+    }
+
+    /// The spend limits of every client registered without limits of its
+    /// own (`ProxyHandle::add_client_with` gives one its own). While client
+    /// keys are not required, all requests share one budget under them.
+    #[must_use]
+    pub fn client_limits(mut self, limits: ClientLimits) -> Builder {
+        self.client_limits = limits;
         self
     }
 
@@ -183,9 +196,10 @@ impl Builder {
         }
         let required =
             self.require_client_key || !self.clients.is_empty() || self.clients_file.is_some();
-        let clients = Arc::new(Clients::new(required));
+        self.client_limits.validate()?;
+        let clients = Arc::new(Clients::new(required, self.client_limits));
         for (name, key) in &self.clients {
-            clients.add(name, key)?;
+            clients.add(name, key, None)?;
             key.warn_if_world_readable();
         }
         for route in &self.routes {
@@ -285,7 +299,22 @@ impl ProxyHandle {
 
     /// Registers a client under `name` with a key of the caller's.
     pub fn add_client_key(&self, name: &str, key: &Secret) -> Result<(), Error> {
-        self.shared.table.clients().add(name, key)
+        self.shared.table.clients().add(name, key, None)
+    }
+
+    /// `add_client` with spend limits of the client's own in place of
+    /// `Builder::client_limits`.
+    pub fn add_client_with(&self, name: &str, limits: ClientLimits) -> Result<Secret, Error> {
+        let key = crate::clients::generate_key()?;
+        self.shared.table.clients().add(name, &key, Some(limits))?;
+        Ok(key)
+    }
+
+    /// What the client `name` has used since the proxy started (`-`: the
+    /// budget unidentified requests share); `None` for no such client.
+    #[must_use]
+    pub fn usage(&self, name: &str) -> Option<Usage> {
+        self.shared.table.clients().usage(name)
     }
 
     /// Revokes a client: once this returns, no request carrying its key is
