@@ -875,3 +875,62 @@ async fn sighup_reloads_file_secrets_and_clients_and_allowlists_work_from_the_co
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn budgets_from_the_command_line_log_tokens_and_refusals() {
+    let body = r#"{"type":"message","usage":{"input_tokens":70,"output_tokens":40}}"#;
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let upstream = Upstream::start(move |_| Reply::Bytes(answer.clone().into_bytes())).await;
+    let ca_file = temp_path("budget-ca.pem");
+    std::fs::write(&ca_file, &upstream.ca_pem).unwrap();
+    let route = format!("/={}", upstream.url(""));
+    let run = spawn(
+        &[
+            "--log-format",
+            "json",
+            "--client",
+            "box-1=key-one",
+            "--max-tokens-per-hour",
+            "100",
+            "--max-concurrent",
+            "4",
+            "--max-requests-per-minute",
+            "60",
+            "--route",
+            &route,
+            "--header",
+            "x-api-key=k",
+            "--ca-file",
+            ca_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], run.listening_port()));
+    let post = b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: key-one\r\ncontent-length: 2\r\n\r\n{}";
+    for status in [200, 429] {
+        let res = tokio::time::timeout(WAIT, request(addr, post))
+            .await
+            .unwrap();
+        assert_eq!(res.unwrap().status, status);
+    }
+    settle();
+    run.terminate();
+    let (status, stderr, _) = run.wait();
+    let _ = std::fs::remove_file(&ca_file);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let requests: Vec<serde_json::Value> = (stderr.lines())
+        .map(|line| serde_json::from_str(line).unwrap())
+        .filter(|o: &serde_json::Value| o["msg"] == "request")
+        .collect();
+    assert_eq!(requests.len(), 2, "{stderr}");
+    assert_eq!(requests[0]["client"], "box-1");
+    assert_eq!(requests[0]["tokens_in"], 70);
+    assert_eq!(requests[0]["tokens_out"], 40);
+    assert_eq!(requests[1]["status"], 429);
+    assert_eq!(requests[1]["error"], "tokens");
+    assert!(requests[1].get("tokens_in").is_none(), "{stderr}");
+    assert_eq!(upstream.received().len(), 1);
+}
