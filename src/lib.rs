@@ -51,8 +51,10 @@
 //! keyhole assumes the host and its environment are trusted, that upstream
 //! TLS certificates are verified against the webpki roots (plus any CA the
 //! operator adds), and that the configured upstreams never echo request
-//! headers back. It does not filter what the sandbox asks the API to do, rate
-//! limit, tunnel `WebSocket` or HTTP/2, or protect a key from the upstream itself.
+//! headers back. It does not filter what the sandbox asks the API to do
+//! beyond route allowlists, tunnel `WebSocket` or HTTP/2, or protect a key
+//! from the upstream itself. Per-client budgets (`ClientLimits`) live in
+//! the process's memory.
 //!
 //! # Life of a request
 //!
