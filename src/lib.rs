@@ -75,6 +75,7 @@ mod body;
 mod clients;
 mod config;
 mod conn;
+mod egress;
 mod error;
 mod head;
 mod record;
