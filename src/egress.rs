@@ -31,8 +31,8 @@ pub(crate) struct Egress {
     /// base64(user:pass)` (RFC 7617) when the URL has USER:PASS, and the
     /// empty line.
     pub(crate) end: Secret,
-    /// `NO_PROXY` entries, as `dotted` writes them (`.*` for `*`), any
-    /// `:port` dropped.
+    /// `NO_PROXY` entries, as `key` writes them (`.*` for `*`), any `:port`
+    /// dropped.
     no_proxy: Vec<String>,
 }
 
@@ -62,10 +62,10 @@ impl Egress {
 
     /// Whether connections to `url` go through this proxy: only `https://`
     /// ones (`http://` ones are loopback), and not those whose host is
-    /// listed in `NO_PROXY` or is a subdomain of a listed name: dotted, it
-    /// ends with the dotted entry (so never a mere suffix). Ports never count.
+    /// listed in `NO_PROXY` or is a subdomain of a listed name: its `key`
+    /// ends with the entry's (never a mere suffix). Ports never count.
     pub(crate) fn carries(&self, url: &UpstreamUrl) -> bool {
-        let host = dotted(&url.host);
+        let host = key(&url.host);
         url.tls && !(self.no_proxy.iter()).any(|e| e == ".*" || host.ends_with(e.as_str()))
     }
 }
@@ -134,17 +134,18 @@ fn percent_decode(text: &str, out: &mut Vec<u8>) -> Option<()> {
 /// with an optional `:port`.
 fn bypass_entry(entry: &str) -> Option<String> {
     if entry == "*" || entry.parse::<IpAddr>().is_ok() {
-        return Some(dotted(entry));
+        return Some(key(entry));
     }
-    split_authority(entry.strip_prefix('.').unwrap_or(entry)).map(|(host, _)| dotted(host))
+    split_authority(entry.strip_prefix('.').unwrap_or(entry)).map(|(host, _)| key(host))
 }
 
-/// A host as compared with `NO_PROXY` entries: after a `.`, so that a
-/// subdomain's ends with its parent's; an IP as `IpAddr` writes it (`0:0::1`
-/// is `::1`, and no IP holds `.:`), a name in lower case.
-fn dotted(host: &str) -> String {
-    let ip = host.parse::<IpAddr>().map(|ip| ip.to_string());
-    format!(".{}", ip.unwrap_or_else(|_| host.to_ascii_lowercase()))
+/// A host as compared with `NO_PROXY` entries, so that one ends with another
+/// exactly when it is that host or a subdomain of that name: a name in lower
+/// case after a `.`, an IP as `IpAddr` writes it in brackets (`[::1]` for
+/// `0:0::1`), which no name's key ends with.
+fn key(host: &str) -> String {
+    let ip = host.parse::<IpAddr>().map(|ip| format!("[{ip}]"));
+    ip.unwrap_or_else(|_| format!(".{}", host.to_ascii_lowercase()))
 }
 
 #[cfg(test)]
@@ -211,11 +212,16 @@ mod tests {
             "https://10.0.0.10",
             "https://127.0.0.1",
             "https://localhost",
+            "https://sub.10.0.0.1",
         ] {
             assert!(e.carries(&url(carried)), "{carried}");
         }
         // Plain http:// (loopback only) never goes through the proxy.
         assert!(!e.carries(&url("http://127.0.0.1:8080")));
+        // A name entry never matches an IP's tail.
+        let name = Egress::parse("http://p:1", "0.0.1").unwrap();
+        assert!(name.carries(&url("https://127.0.0.1")));
+        assert!(!name.carries(&url("https://x.0.0.1")));
         let all = Egress::parse("http://p:1", "*").unwrap();
         assert!(!all.carries(&url("https://api.example.com")));
         for bad in ["*.example.com", "10.0.0.0/8", "a b", "host:x"] {
