@@ -47,9 +47,7 @@ impl Egress {
         let userinfo = rest.rsplit_once('@').map(|(userinfo, _)| userinfo);
         let authority = &rest[userinfo.map_or(0, |u| u.len() + 1)..];
         let port = split_authority(authority).and_then(|(_, port)| port);
-        port.ok_or(Error::BadEgressProxy(
-            "expected http://[USER:PASS@]HOST:PORT",
-        ))?;
+        port.ok_or(Error::BadEgressProxy("expected [USER:PASS@]HOST:PORT"))?;
         let no_proxy = (no_proxy.split(',').map(str::trim).filter(|e| !e.is_empty()))
             .map(|e| bypass_entry(e).ok_or_else(|| Error::BadNoProxy(e.to_owned())))
             .collect::<Result<_, _>>()?;

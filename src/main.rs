@@ -434,14 +434,14 @@ async fn run(cli: Cli) -> ExitCode {
         }
     }
     // The library reads no environment; the binary honours HTTPS_PROXY.
-    let from_env = env_var("HTTPS_PROXY", "https_proxy");
-    let egress = match cli.egress_proxy {
-        Some(url) => Some(("--egress-proxy", url)).filter(|(_, url)| url != "none"),
-        None => from_env.clone(),
+    let egress = match (cli.egress_proxy, env_var("HTTPS_PROXY", "https_proxy")) {
+        (Some(url), Some((name, _))) if url == "none" => {
+            tracing::info!(variable = name, "ignored because of --egress-proxy none");
+            None
+        }
+        (Some(url), _) => Some(("--egress-proxy", url)).filter(|(_, url)| url != "none"),
+        (None, from_env) => from_env,
     };
-    if let (None, Some((name, _))) = (&egress, &from_env) {
-        tracing::info!(variable = name, "ignored because of --egress-proxy none");
-    }
     if let Some((_, url)) = &egress {
         let no_proxy = env_var("NO_PROXY", "no_proxy").map(|(_, list)| list);
         builder = builder.egress_proxy(url, &no_proxy.unwrap_or_default());

@@ -307,7 +307,7 @@ impl Upstream {
                 // In TLS the client speaks first: bytes before it are no TLS.
                 Ok(Scan::Complete(_)) => "egress proxy spoke first",
                 Err(status) => {
-                    tracing::warn!(egress_proxy = %egress.authority, status, "egress proxy refused the tunnel");
+                    tracing::warn!(egress_proxy = %egress.authority, status, upstream = %self.url.authority, "egress proxy refused the tunnel");
                     "egress proxy refused the tunnel"
                 }
             };

@@ -457,8 +457,9 @@ async fn the_binary_says_which_proxy_refused_and_why_without_credentials() {
     assert_refused(&res, 502, "egress-refused");
     let stderr = bin.stop();
     let warn = format!(
-        "  WARN egress proxy refused the tunnel egress_proxy={} status=407",
-        egress.addr
+        "  WARN egress proxy refused the tunnel egress_proxy={} status=407 upstream=127.0.0.1:{}",
+        egress.addr,
+        upstream.addr.port()
     );
     assert!(stderr.lines().any(|l| l.ends_with(&warn)), "{stderr}");
     assert!(stderr.contains(" error=egress-refused"), "{stderr}");
