@@ -17,7 +17,7 @@ seconds="${FUZZ_SECONDS:-60}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-  targets=(request_head chunked_body response_head route_rewrite connection json_escape)
+  targets=(request_head chunked_body response_head route_rewrite connection json_escape connect_response)
 fi
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then

@@ -374,10 +374,7 @@ impl UpstreamUrl {
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let (host, port) = split_authority(authority).ok_or_else(|| bad("invalid host or port"))?;
         let port = port.unwrap_or(if tls { 443 } else { 80 });
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
+        let host = host.to_owned();
         if !tls && !is_loopback(&host) {
             return Err(bad(
                 "http:// is only allowed for loopback hosts; use https://",
@@ -400,26 +397,25 @@ impl UpstreamUrl {
     }
 }
 
-/// Splits `host[:port]` (host may be a bracketed IPv6 literal) and checks both.
-fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
-    let (host, port) = if authority.starts_with('[') {
-        let end = authority.find(']')?;
-        let host = &authority[..=end];
-        host[1..end].parse::<std::net::Ipv6Addr>().ok()?;
-        match &authority[end + 1..] {
+/// Splits `host[:port]` and checks both; a bracketed IPv6 literal's host
+/// comes without its brackets (for DNS and SNI).
+pub(crate) fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, rest) = v6.split_once(']')?;
+        host.parse::<std::net::Ipv6Addr>().ok()?;
+        match rest {
             "" => (host, None),
             p => (host, Some(p.strip_prefix(':')?)),
         }
     } else {
-        authority
-            .split_once(':')
-            .map_or((authority, None), |(h, p)| (h, Some(p)))
+        let (host, port) =
+            (authority.split_once(':')).map_or((authority, None), |(h, p)| (h, Some(p)));
+        let name = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
+        if host.is_empty() || !host.bytes().all(name) {
+            return None;
+        }
+        (host, port)
     };
-    let name = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
-    let host_ok = host.starts_with('[') || (!host.is_empty() && host.bytes().all(name));
-    if !host_ok {
-        return None;
-    }
     let port = match port {
         None => None,
         Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {

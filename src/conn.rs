@@ -666,7 +666,7 @@ mod tests {
             let wakeup = Arc::new(Wakeup::default());
             let connector = tls_connector(&[]).unwrap();
             let url = table.routes()[0].upstream.clone();
-            let upstream = Upstream::new(&url, connector, wakeup.clone())
+            let upstream = Upstream::new(&url, &connector, wakeup.clone(), None)
                 .unwrap()
                 .with_memory(Box::new(move || {
                     let (ours, theirs) = duplex(1 << 16);

@@ -52,6 +52,9 @@ pub(crate) enum Refusal {
     Unreachable(&'static str),
     /// 502: the TLS handshake with the upstream failed.
     UpstreamTls,
+    /// 502: the egress proxy answered CONNECT with anything but a 2xx, or
+    /// closed, or spoke before TLS: the tunnel did not open.
+    EgressRefused(&'static str),
     /// 503: connection limit reached.
     Unavailable,
     /// 504: upstream timed out.
@@ -127,6 +130,7 @@ impl Refusal {
                 "Bad Gateway",
                 "upstream TLS handshake failed",
             ),
+            Refusal::EgressRefused(why) => (502, "egress-refused", "Bad Gateway", why),
             Refusal::Unavailable => (
                 503,
                 "overloaded",
@@ -222,6 +226,11 @@ pub enum Error {
     /// A clients file that cannot be used: its path, the line (0: the whole
     /// file) and why.
     ClientsFile(String, usize, &'static str),
+    /// An egress proxy URL that cannot be used, and why (the URL is not
+    /// shown: it may hold a password).
+    BadEgressProxy(&'static str),
+    /// A `NO_PROXY` entry that is not `*`, a host name or an IP address.
+    BadNoProxy(String),
 }
 
 impl fmt::Display for Error {
@@ -263,6 +272,8 @@ impl fmt::Display for Error {
             Error::ClientsFile(path, line, why) => {
                 write!(f, "clients file {path}, line {line}: {why}")
             }
+            Error::BadEgressProxy(why) => write!(f, "egress proxy URL: {why}"),
+            Error::BadNoProxy(e) => write!(f, "NO_PROXY entry {e:?}: not *, a name or an IP"),
         }
     }
 }

@@ -98,6 +98,17 @@ pub struct Forwarded {
     pub framing: BodyFraming,
 }
 
+/// Reads an egress proxy's answer to CONNECT as keyhole does (8 KiB, 32
+/// lines). `Ok(Some(n))`: a 2xx whose head is the first `n` bytes, the
+/// tunnel opens; `Ok(None)`: incomplete; `Err(status)`: refused (`None`:
+/// not a response head within the limits).
+pub fn connect_answer(bytes: &[u8]) -> Result<Option<usize>, Option<u16>> {
+    match crate::egress::parse_answer(bytes)? {
+        Scan::Complete(n) => Ok(Some(n)),
+        Scan::Partial => Ok(None),
+    }
+}
+
 /// Parses, validates, routes and rewrites one complete request head through
 /// the fuzz route table; the error is the status keyhole would answer.
 pub fn forward_request(head_bytes: &[u8]) -> Result<Forwarded, u16> {
@@ -169,7 +180,7 @@ pub async fn serve_in_memory(
     for route in table.routes() {
         let wakeup = std::sync::Arc::default();
         let Ok(upstream) =
-            crate::upstream::Upstream::new(&route.upstream, connector.clone(), wakeup)
+            crate::upstream::Upstream::new(&route.upstream, &connector, wakeup, None)
         else {
             return;
         };

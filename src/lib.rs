@@ -65,7 +65,8 @@
 //! validates it (`head::parse_request`), applies policy and rewrites it
 //! (`route::RouteTable::forward`, producing an unforgeable `Forward`), sends
 //! it with the first body bytes in one write on a pooled or new connection
-//! (`upstream::Upstream::send`, which takes nothing but a `Forward`), pumps
+//! (`upstream::Upstream::send`, which takes nothing but a `Forward`; a new
+//! connection may be a tunnel through an egress proxy, `egress`), pumps
 //! the body (`relay::pump` with `body::Reframer`), reads and validates the
 //! response head (`head::parse_response`) and relays the response body the
 //! same way. `upstream::reap` closes idle pooled connections the upstream
@@ -78,6 +79,7 @@ mod budget;
 mod clients;
 mod config;
 mod conn;
+mod egress;
 mod error;
 mod head;
 mod record;

@@ -21,7 +21,7 @@ mod json;
 
 const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client-key VALUE]
                [--client NAME=VALUE]... [--clients-file PATH] [--require-client-key]
-               [--log-format text|json]
+               [--log-format text|json] [--egress-proxy http://[USER:PASS@]HOST:PORT|none]
                [--allow-host NAME]... [--upstream-timeout SECS] [--idle-timeout SECS]
                [--head-timeout SECS] [--drain-timeout SECS] [--connect-timeout SECS]
                [--max-connections N] [--max-body-bytes N] [--max-head-bytes N]
@@ -43,6 +43,8 @@ struct Cli {
     require_client_key: bool,
     allow_hosts: Vec<String>,
     ca_files: Vec<String>,
+    /// `--egress-proxy`: a URL or `none`.
+    egress_proxy: Option<String>,
     limits: Limits,
     budgets: ClientLimits,
     threads: Option<usize>,
@@ -435,8 +437,24 @@ async fn run(cli: Cli) -> ExitCode {
             Err(err) => return fail(format!("cannot read CA file {path}: {err}"), 1),
         }
     }
+    // The library reads no environment; the binary honours HTTPS_PROXY.
+    let egress = match (cli.egress_proxy, env_var("HTTPS_PROXY", "https_proxy")) {
+        (Some(url), Some((name, _))) if url == "none" => {
+            tracing::info!(variable = name, "ignored because of --egress-proxy none");
+            None
+        }
+        (Some(url), _) => Some(("--egress-proxy", url)).filter(|(_, url)| url != "none"),
+        (None, from_env) => from_env,
+    };
+    if let Some((_, url)) = &egress {
+        let no_proxy = env_var("NO_PROXY", "no_proxy").map(|(_, list)| list);
+        builder = builder.egress_proxy(url, &no_proxy.unwrap_or_default());
+    }
     let proxy = match builder.start().await {
         Ok(proxy) => proxy,
+        Err(err @ keyhole::Error::BadEgressProxy(_)) => {
+            return fail(format!("{}: {err}", egress.map_or("", |(from, _)| from)), 1)
+        }
         Err(err) => return fail(err, 1),
     };
     // Installed before the `listening on` line, so that a signal sent as soon
@@ -488,6 +506,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
         require_client_key: false,
         allow_hosts: Vec::new(),
         ca_files: Vec::new(),
+        egress_proxy: None,
         limits: Limits::default(),
         budgets: ClientLimits::default(),
         threads: None,
@@ -545,6 +564,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
             }
             "--allow-host" => cli.allow_hosts.push(value()?),
             "--ca-file" => cli.ca_files.push(value()?),
+            "--egress-proxy" => cli.egress_proxy = Some(value()?),
             "--upstream-timeout" => cli.limits.upstream_timeout = seconds(&flag, &value()?)?,
             "--idle-timeout" => cli.limits.idle_timeout = seconds(&flag, &value()?)?,
             "--head-timeout" => cli.limits.head_timeout = seconds(&flag, &value()?)?,
@@ -594,6 +614,12 @@ fn secret(what: &str, template: &str) -> Result<Secret, String> {
         return Err(format!("{what}: value {template:?} is empty"));
     }
     Ok(secret)
+}
+
+/// The variable `upper`, else `lower`, with its name; empty counts as unset.
+fn env_var(upper: &'static str, lower: &'static str) -> Option<(&'static str, String)> {
+    let set = |name| Some((name, std::env::var(name).ok().filter(|v| !v.is_empty())?));
+    set(upper).or_else(|| set(lower))
 }
 
 fn seconds(flag: &str, value: &str) -> Result<Duration, String> {

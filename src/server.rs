@@ -15,6 +15,7 @@ use crate::budget::{ClientLimits, Usage};
 use crate::clients::Clients;
 use crate::config::{Limits, Route, Secret};
 use crate::conn::{self, Phase, Shared};
+use crate::egress::Egress;
 use crate::error::{Error, Refusal};
 use crate::route::RouteTable;
 use crate::upstream::{self, Upstream, Wakeup};
@@ -50,6 +51,7 @@ impl Proxy {
             listener: None,
             allowed_hosts: Vec::new(),
             ca_pems: Vec::new(),
+            egress_proxy: None,
             limits: Limits::default(),
         }
     }
@@ -70,6 +72,9 @@ pub struct Builder {
     listener: Option<std::net::TcpListener>,
     allowed_hosts: Vec<String>,
     ca_pems: Vec<Vec<u8>>,
+    /// The egress proxy's URL (a `Secret`: it may hold a password) and
+    /// `NO_PROXY` list.
+    egress_proxy: Option<(Secret, String)>,
     limits: Limits,
 }
 
@@ -87,6 +92,7 @@ impl Clone for Builder {
             listener: (self.listener.as_ref()).and_then(|l| l.try_clone().ok()),
             allowed_hosts: self.allowed_hosts.clone(),
             ca_pems: self.ca_pems.clone(),
+            egress_proxy: self.egress_proxy.clone(),
             limits: self.limits.clone(),
         }
     }
@@ -174,6 +180,19 @@ impl Builder {
         self
     }
 
+    /// Sends `https://` upstream connections through the HTTP CONNECT
+    /// proxy at `url`, `http://[USER:PASS@]HOST:PORT` (`%XX` in USER:PASS
+    /// decoded), except those to hosts in `no_proxy`, a `NO_PROXY` list
+    /// (`""` for none): comma-separated `*`, names (each with its
+    /// subdomains) and IP literals, any `:port` ignored. Checked by `start`,
+    /// whose errors never show the URL. The library reads no environment: a
+    /// program that honours `HTTPS_PROXY` and `NO_PROXY` passes them here.
+    #[must_use]
+    pub fn egress_proxy(mut self, url: &str, no_proxy: &str) -> Builder {
+        self.egress_proxy = Some((Secret::new(url), no_proxy.to_owned()));
+        self
+    }
+
     /// Replaces the limits and timeouts.
     #[must_use]
     pub fn limits(mut self, limits: Limits) -> Builder {
@@ -212,10 +231,16 @@ impl Builder {
             clients.replace_file_clients(crate::clients::read_clients_file(path)?)?;
         }
         let connector = upstream::tls_connector(&self.ca_pems)?;
+        let egress = (self.egress_proxy.as_ref())
+            .map(|(url, no_proxy)| Egress::parse(url.expose_secret(), no_proxy).map(Arc::new))
+            .transpose()?;
+        if let Some(e) = &egress {
+            tracing::info!(egress_proxy = %e.authority, "https upstreams go through the egress proxy");
+        }
         let table = RouteTable::new(self.routes, clients, self.allowed_hosts);
         let wakeup = Arc::new(Wakeup::default());
         let upstreams = (table.routes().iter())
-            .map(|r| Upstream::new(&r.upstream, connector.clone(), wakeup.clone()))
+            .map(|r| Upstream::new(&r.upstream, &connector, wakeup.clone(), egress.as_ref()))
             .collect::<Result<_, _>>()?;
         let bind = |err| Error::Bind(self.listen, err);
         let listener = match self.listener {

@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Limits, Route, UpstreamUrl};
+use crate::egress::{self, Egress};
 use crate::error::{Error, Refusal};
+use crate::head::Scan;
 use crate::relay::{self, PumpError};
 use crate::route::Forward;
 
@@ -117,6 +119,8 @@ pub(crate) struct Upstream {
     url: UpstreamUrl,
     server_name: ServerName<'static>,
     connector: TlsConnector,
+    /// The egress proxy that connections go through, if any.
+    egress: Option<Arc<Egress>>,
     idle: Mutex<Vec<(Connection, Instant)>>,
     wakeup: Arc<Wakeup>,
     /// When the upstream's last refusal of the injected key was logged.
@@ -131,18 +135,21 @@ pub(crate) struct Upstream {
 pub(crate) type MemoryConnector = Box<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;
 
 impl Upstream {
-    /// An upstream for `url`, sharing the proxy's TLS connector and reaper.
+    /// An upstream for `url`, sharing the proxy's TLS connector, reaper
+    /// and egress proxy (used if it carries `url`).
     pub(crate) fn new(
         url: &UpstreamUrl,
-        connector: TlsConnector,
+        connector: &TlsConnector,
         wakeup: Arc<Wakeup>,
+        egress: Option<&Arc<Egress>>,
     ) -> Result<Upstream, Error> {
         let server_name = ServerName::try_from(url.host.clone())
             .map_err(|_| Error::BadUrl(url.host.clone(), "not a valid TLS server name"))?;
         Ok(Upstream {
             url: url.clone(),
             server_name,
-            connector,
+            connector: connector.clone(),
+            egress: egress.filter(|e| e.carries(url)).cloned(),
             idle: Mutex::new(Vec::new()),
             wakeup,
             key_refused_at: Mutex::new(None),
@@ -262,7 +269,7 @@ impl Upstream {
         if let Some(memory) = &self.memory {
             return Ok(Connection::new(Box::new(memory())));
         }
-        let tcp = timeout(limits.connect_timeout, self.connect_tcp())
+        let tcp = timeout(limits.connect_timeout, self.connect_tcp(limits))
             .await
             .map_err(|_| Refusal::GatewayTimeout("upstream connect timed out"))??;
         if !self.url.tls {
@@ -278,26 +285,58 @@ impl Upstream {
         Ok(Connection::new(Box::new(tls)))
     }
 
-    async fn connect_tcp(&self) -> Result<TcpStream, Refusal> {
-        let addrs = tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
-            .await
-            .map_err(|_| Refusal::Unreachable("upstream name did not resolve"))?;
-        let mut last = None;
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(tcp) => {
-                    // Heads and SSE events are small writes that must leave at once.
-                    let _ = tcp.set_nodelay(true);
-                    return Ok(tcp);
+    /// TCP to the upstream, or a tunnel to it through the egress proxy: a
+    /// CONNECT, then the proxy's answer, read until its head ends.
+    async fn connect_tcp(&self, limits: &Limits) -> Result<TcpStream, Refusal> {
+        let Some(egress) = &self.egress else {
+            return tcp((self.url.host.as_str(), self.url.port), &self.url.authority).await;
+        };
+        let mut tcp = tcp(egress.authority.as_str(), &egress.authority).await?;
+        let (head, end) = (egress::connect_head(&self.url), egress.end.expose());
+        let sent = relay::write_pair(&mut tcp, head.as_bytes(), end, limits.connect_timeout);
+        // A failed write ends it as a close would.
+        let mut read = sent.await.map_or(0, |()| 1);
+        // On the heap: only tunnelled connects pay for it.
+        let (mut answer, mut len) = (vec![0; egress::MAX_ANSWER_BYTES], 0);
+        while read > 0 {
+            read = tcp.read(&mut answer[len..]).await.unwrap_or(0);
+            len += read;
+            let why = match egress::parse_answer(&answer[..len]) {
+                Ok(Scan::Partial) => continue,
+                Ok(Scan::Complete(n)) if n == len => return Ok(tcp),
+                // In TLS the client speaks first: bytes before it are no TLS.
+                Ok(Scan::Complete(_)) => "egress proxy spoke first",
+                Err(status) => {
+                    tracing::warn!(egress_proxy = %egress.authority, status, upstream = %self.url.authority, "egress proxy refused the tunnel");
+                    "egress proxy refused the tunnel"
                 }
-                Err(err) => last = Some(err),
-            }
+            };
+            return Err(Refusal::EgressRefused(why));
         }
-        if let Some(err) = last {
-            tracing::warn!(upstream = %self.url.authority, error = %err, "upstream connect failed");
-        }
-        Err(Refusal::Unreachable("upstream unreachable"))
+        Err(Refusal::EgressRefused("no answer from the egress proxy"))
     }
+}
+
+/// DNS, then TCP to each address in turn; a failure's warning names `peer`.
+async fn tcp(addr: impl tokio::net::ToSocketAddrs, peer: &str) -> Result<TcpStream, Refusal> {
+    let addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|_| Refusal::Unreachable("upstream name did not resolve"))?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                // Heads and SSE events are small writes that must leave at once.
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Err(err) => last = Some(err),
+        }
+    }
+    if let Some(err) = last {
+        tracing::warn!(%peer, error = %err, "connect failed");
+    }
+    Err(Refusal::Unreachable("upstream unreachable"))
 }
 
 async fn send_first(

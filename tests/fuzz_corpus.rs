@@ -64,8 +64,9 @@ fn every_corpus_dir_is_replayed() {
     );
 }
 
-const REPLAYED: [&str; 6] = [
+const REPLAYED: [&str; 7] = [
     "chunked_body",
+    "connect_response",
     "connection",
     "json_escape",
     "request_head",
@@ -83,6 +84,15 @@ fn chunked_body_corpus() {
     replay("chunked_body", |data| {
         for splits in checks::replay_splits(data) {
             checks::chunked_body(data, &splits);
+        }
+    });
+}
+
+#[test]
+fn connect_response_corpus() {
+    replay("connect_response", |data| {
+        for splits in checks::replay_splits(data) {
+            checks::connect_response(data, &splits);
         }
     });
 }
@@ -118,7 +128,7 @@ fn connection_corpus() {
 fn seed_names_match_verdicts() {
     use keyhole::fuzzing;
     type Accepts = fn(&[u8]) -> bool;
-    let verdicts: [(&str, Accepts); 4] = [
+    let verdicts: [(&str, Accepts); 5] = [
         (
             "request_head",
             |d| matches!(fuzzing::scan_head(d), Ok(Some(n)) if fuzzing::forward_request(&d[..n]).is_ok()),
@@ -129,6 +139,9 @@ fn seed_names_match_verdicts() {
         }),
         ("route_rewrite", |d| {
             std::str::from_utf8(d).is_ok_and(|t| fuzzing::route_target(t).is_ok())
+        }),
+        ("connect_response", |d| {
+            matches!(fuzzing::connect_answer(d), Ok(Some(_)))
         }),
     ];
     let mut wrong = Vec::new();

@@ -766,3 +766,48 @@ pub fn json_escape(data: &[u8]) {
     let object: serde_json::Value = serde_json::from_slice(&line).expect("a valid JSON object");
     assert_eq!(object["path"].as_str(), Some(&*text));
 }
+
+/// The egress proxy's answer to CONNECT (`keyhole::fuzzing::connect_answer`),
+/// fed whole and as growing prefixes cut at `splits`, as the tunnel's reads
+/// see it: the first prefix that is not incomplete decides, and decides as
+/// the whole does; the tunnel opens only on a 2xx head httparse reads the
+/// same, of at most 8 KiB; consumed ≤ input.
+///
+/// # Panics
+/// When a split changes the verdict or a tunnel opens on anything else.
+pub fn connect_response(data: &[u8], splits: &[usize]) {
+    let whole = fuzzing::connect_answer(data);
+    let mut cuts: Vec<usize> = splits
+        .iter()
+        .copied()
+        .filter(|&s| s <= data.len())
+        .collect();
+    cuts.sort_unstable();
+    cuts.push(data.len());
+    let fed = cuts
+        .iter()
+        .map(|&cut| fuzzing::connect_answer(&data[..cut]))
+        .find(|r| *r != Ok(None))
+        .unwrap_or(Ok(None));
+    assert_eq!(fed, whole, "split at {splits:?}");
+    match whole {
+        Ok(Some(n)) => {
+            assert!(
+                n <= data.len() && n <= 8192,
+                "consumed {n} of {}",
+                data.len()
+            );
+            let mut fields = [httparse::EMPTY_HEADER; 32];
+            let mut res = httparse::Response::new(&mut fields);
+            assert_eq!(res.parse(&data[..n]), Ok(httparse::Status::Complete(n)));
+            assert!(
+                res.code.is_some_and(|c| (200..300).contains(&c)),
+                "{:?}",
+                res.code
+            );
+        }
+        Ok(None) => assert!(data.len() < 8192, "incomplete past the limit"),
+        Err(Some(code)) => assert!(!(200..300).contains(&code), "a {code} refused"),
+        Err(None) => {}
+    }
+}
