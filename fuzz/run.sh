@@ -17,7 +17,7 @@ seconds="${FUZZ_SECONDS:-60}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-  targets=(request_head chunked_body response_head route_rewrite connection json_escape connect_response)
+  targets=(request_head chunked_body response_head route_rewrite connection json_escape connect_response usage_scan)
 fi
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
@@ -41,9 +41,11 @@ for target in "${targets[@]}"; do
   mkdir -p "$scratch/$target"
   cp -R "corpus/$target/." "$scratch/$target/"
   log="artifacts/$target.log"
+  dict="http.dict"
+  if [ -f "$target.dict" ]; then dict="$target.dict"; fi
   set +e
   "${fuzz[@]}" run --sanitizer "$sanitizer" "$target" "$scratch/$target" -- \
-    -max_total_time="$seconds" -dict=http.dict -max_len=65536 -timeout=10 \
+    -max_total_time="$seconds" -dict="$dict" -max_len=65536 -timeout=10 \
     -rss_limit_mb=2048 -print_final_stats=1 2>&1 |
     tee "$log" | grep --line-buffered -E '^#[0-9]+[[:space:]]+(INITED|DONE|pulse)'
   rc=${PIPESTATUS[0]}

@@ -203,3 +203,42 @@ pub async fn serve_in_memory(
     let (_phase, phase) = tokio::sync::watch::channel(crate::conn::Phase::Running);
     crate::conn::serve(client, shared, phase).await;
 }
+
+/// What the usage scanner found in a response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCounts {
+    /// `[input, output, cache_creation_input, cache_read_input, prompt,
+    /// completion]` tokens: the largest value of each field.
+    pub fields: [u64; 6],
+    /// What a token budget is charged for input.
+    pub tokens_in: u64,
+    /// What a token budget is charged for output.
+    pub tokens_out: u64,
+    /// Whether any count was seen.
+    pub seen: bool,
+}
+
+/// Scans a response body of `content_type`, fed in the pieces given, for
+/// model-token usage as keyhole does; `None` when the media type is not one
+/// that keyhole scans.
+#[must_use]
+pub fn scan_usage(content_type: &[u8], pieces: &[&[u8]]) -> Option<TokenCounts> {
+    let mut scan = crate::usage::UsageScan::new(crate::usage::body_kind(content_type)?);
+    for piece in pieces {
+        scan.feed(piece);
+    }
+    let u = scan.usage();
+    Some(TokenCounts {
+        fields: [
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_creation_input_tokens,
+            u.cache_read_input_tokens,
+            u.prompt_tokens,
+            u.completion_tokens,
+        ],
+        tokens_in: u.tokens_in(),
+        tokens_out: u.tokens_out(),
+        seen: u.seen(),
+    })
+}

@@ -565,25 +565,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
             "--allow-host" => cli.allow_hosts.push(value()?),
             "--ca-file" => cli.ca_files.push(value()?),
             "--egress-proxy" => cli.egress_proxy = Some(value()?),
-            "--upstream-timeout" => cli.limits.upstream_timeout = seconds(&flag, &value()?)?,
-            "--idle-timeout" => cli.limits.idle_timeout = seconds(&flag, &value()?)?,
-            "--head-timeout" => cli.limits.head_timeout = seconds(&flag, &value()?)?,
-            "--drain-timeout" => cli.limits.drain_timeout = seconds(&flag, &value()?)?,
-            "--connect-timeout" => {
-                let d = seconds(&flag, &value()?)?;
-                cli.limits.connect_timeout = d;
-                cli.limits.tls_timeout = d;
-            }
-            "--max-connections" => cli.limits.max_connections = number(&flag, &value()?)?,
-            "--max-body-bytes" => cli.limits.max_body_bytes = Some(number(&flag, &value()?)?),
-            "--max-head-bytes" => cli.limits.max_head_bytes = number(&flag, &value()?)?,
-            "--max-headers" => cli.limits.max_headers = number(&flag, &value()?)?,
-            "--max-concurrent" => cli.budgets.max_concurrent = Some(number(&flag, &value()?)?),
-            "--max-requests-per-minute" => {
-                cli.budgets.max_requests_per_minute = Some(number(&flag, &value()?)?);
-            }
-            "--max-tokens-per-hour" => {
-                cli.budgets.max_tokens_per_hour = Some(number(&flag, &value()?)?);
+            limit if limit.starts_with("--max-") || limit.ends_with("-timeout") => {
+                set_limit(&mut cli, limit, &value()?)?;
             }
             "--threads" => cli.threads = Some(number(&flag, &value()?)?),
             "--log-level" => {
@@ -603,6 +586,34 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
         ));
     }
     Ok(Some(cli))
+}
+
+/// Sets the limit or budget `flag` names (`--max-…`, `--…-timeout`).
+fn set_limit(cli: &mut Cli, flag: &str, value: &str) -> Result<(), String> {
+    match flag {
+        "--upstream-timeout" => cli.limits.upstream_timeout = seconds(flag, value)?,
+        "--idle-timeout" => cli.limits.idle_timeout = seconds(flag, value)?,
+        "--head-timeout" => cli.limits.head_timeout = seconds(flag, value)?,
+        "--drain-timeout" => cli.limits.drain_timeout = seconds(flag, value)?,
+        "--connect-timeout" => {
+            let d = seconds(flag, value)?;
+            cli.limits.connect_timeout = d;
+            cli.limits.tls_timeout = d;
+        }
+        "--max-connections" => cli.limits.max_connections = number(flag, value)?,
+        "--max-body-bytes" => cli.limits.max_body_bytes = Some(number(flag, value)?),
+        "--max-head-bytes" => cli.limits.max_head_bytes = number(flag, value)?,
+        "--max-headers" => cli.limits.max_headers = number(flag, value)?,
+        "--max-concurrent" => cli.budgets.max_concurrent = Some(number(flag, value)?),
+        "--max-requests-per-minute" => {
+            cli.budgets.max_requests_per_minute = Some(number(flag, value)?);
+        }
+        "--max-tokens-per-hour" => {
+            cli.budgets.max_tokens_per_hour = Some(number(flag, value)?);
+        }
+        _ => return Err(format!("unknown argument {flag:?}\n{USAGE}")),
+    }
+    Ok(())
 }
 
 /// Expands `template` for `what` (`--header NAME`, `--client NAME` or

@@ -1,6 +1,6 @@
 //! Spend controls per client: concurrency, request rate and model-token
 //! budgets, over real sockets against a TLS upstream that reports usage the
-//! way the Anthropic and OpenAI APIs do, split across writes and chunks.
+//! way the Anthropic and `OpenAI` APIs do, split across writes and chunks.
 
 mod support;
 
@@ -79,7 +79,7 @@ fn anthropic_stream() -> Reply {
     Reply::Pieces(pieces)
 }
 
-/// OpenAI shapes: a chat completion, or a stream whose last chunk carries
+/// `OpenAI` shapes: a chat completion, or a stream whose last chunk carries
 /// the usage (`stream_options.include_usage`).
 fn openai(stream: bool) -> Reply {
     if !stream {

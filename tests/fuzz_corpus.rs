@@ -64,7 +64,7 @@ fn every_corpus_dir_is_replayed() {
     );
 }
 
-const REPLAYED: [&str; 7] = [
+const REPLAYED: [&str; 8] = [
     "chunked_body",
     "connect_response",
     "connection",
@@ -72,6 +72,7 @@ const REPLAYED: [&str; 7] = [
     "request_head",
     "response_head",
     "route_rewrite",
+    "usage_scan",
 ];
 
 #[test]
@@ -110,6 +111,51 @@ fn route_rewrite_corpus() {
 #[test]
 fn json_escape_corpus() {
     replay("json_escape", checks::json_escape);
+}
+
+#[test]
+fn usage_scan_corpus() {
+    replay("usage_scan", |data| {
+        for splits in checks::replay_splits(data.get(1..).unwrap_or_default()) {
+            checks::usage_scan(data, &splits);
+        }
+    });
+}
+
+/// `usage_scan` seed names end in `-in{N}-out{M}`: the tokens in and out
+/// the body reports, so each real-shaped response states its answer.
+#[test]
+fn usage_seed_names_match_counts() {
+    let mut wrong = Vec::new();
+    for (path, bytes) in corpus("usage_scan") {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let Some((rest, out)) = name.rsplit_once("-out") else {
+            wrong.push(format!("{name}: no -out"));
+            continue;
+        };
+        let Some((_, tokens_in)) = rest.rsplit_once("-in") else {
+            wrong.push(format!("{name}: no -in"));
+            continue;
+        };
+        let content_type: &[u8] = if bytes[0] & 1 == 1 {
+            b"text/event-stream"
+        } else {
+            b"application/json"
+        };
+        let got = keyhole::fuzzing::scan_usage(content_type, &[&bytes[1..]]).expect("scanned");
+        if (got.tokens_in.to_string(), got.tokens_out.to_string()) != (tokens_in.into(), out.into())
+        {
+            wrong.push(format!(
+                "{name}: in {} out {}",
+                got.tokens_in, got.tokens_out
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "seeds whose name lies: {wrong:#?}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Invariant checks shared by the fuzz targets and the corpus replay test
 //! (`tests/fuzz_corpus.rs`). Only `keyhole`, `httparse`, `std` and, as the
-//! reference JSON parser, `serde_json` (a dev-dependency of the main crate
-//! too) here, so the replay compiles on stable.
+//! reference JSON parser, `serde_json` with the `serde` traits it implements
+//! (dev-dependencies of the main crate too) here, so the replay compiles on
+//! stable.
 //!
 //! Every function takes the bytes of one input and panics (through `assert!`)
 //! when keyhole breaks one of its promises; a refusal is never a failure.
@@ -809,5 +810,199 @@ pub fn connect_response(data: &[u8], splits: &[usize]) {
         Ok(None) => assert!(data.len() < 8192, "incomplete past the limit"),
         Err(Some(code)) => assert!(!(200..300).contains(&code), "a {code} refused"),
         Err(None) => {}
+    }
+}
+
+/// Target `usage_scan`: the usage scanner over a response body. The
+/// first byte picks the media type (odd: `text/event-stream`, even:
+/// `application/json`; the seeds start with `s` or `j`), the rest is the
+/// body; `splits` are offsets into the body.
+///
+/// # Panics
+/// When the counts depend on how the body is split, the totals are not the
+/// saturating sums, or (for a JSON body a reference parser accepts) the
+/// counts differ from the reference's reading of the same document.
+pub fn usage_scan(data: &[u8], splits: &[usize]) {
+    let Some((&first, body)) = data.split_first() else {
+        return;
+    };
+    let content_type: &[u8] = if first & 1 == 1 {
+        b"text/event-stream; charset=utf-8"
+    } else {
+        b" Application/JSON"
+    };
+    let scan =
+        |pieces: &[&[u8]]| fuzzing::scan_usage(content_type, pieces).expect("a scanned media type");
+    let whole = scan(&[body]);
+    let mut cuts: Vec<usize> = splits
+        .iter()
+        .copied()
+        .filter(|&s| s <= body.len())
+        .collect();
+    cuts.sort_unstable();
+    let mut pieces = Vec::with_capacity(cuts.len() + 1);
+    let mut start = 0;
+    for cut in cuts {
+        pieces.push(&body[start..cut]);
+        start = cut;
+    }
+    pieces.push(&body[start..]);
+    assert_eq!(scan(&pieces), whole, "split at {splits:?}");
+    let bytes: Vec<&[u8]> = body.chunks(1).collect();
+    assert_eq!(scan(&bytes), whole, "byte by byte");
+
+    let [input, output, creation, read, prompt, completion] = whole.fields;
+    let sum = |a: u64, b: u64| a.saturating_add(b);
+    assert_eq!(
+        whole.tokens_in,
+        sum(sum(input, creation), sum(read, prompt))
+    );
+    assert_eq!(whole.tokens_out, sum(output, completion));
+    assert_eq!(whole.seen, whole.fields != [0; 6]);
+    if first & 1 == 0 {
+        if let Some(want) = reference_usage(body) {
+            assert_eq!(whole.fields, want, "the reference parser reads otherwise");
+        }
+    }
+}
+
+/// The usage of a JSON document as `serde_json` reads it, by the README's
+/// rule (direct integer members of an object that is the value of a `usage`
+/// key, the largest of each), with the scanner's documented limits: a name
+/// with an escape matches nothing, a usage object deeper than 64 levels
+/// does not count. `None` when the reference refuses the document or when
+/// it cannot tell an integer too large for u64 (which saturates) from a
+/// float (which does not count).
+fn reference_usage(body: &[u8]) -> Option<[u64; 6]> {
+    use serde::de::DeserializeSeed;
+    let mut found = reference::Found::default();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let walk = reference::Walk {
+        found: &mut found,
+        depth: 0,
+        usage: false,
+        field: None,
+    };
+    walk.deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    (!found.ambiguous).then_some(found.fields)
+}
+
+/// The `serde` visitors `reference_usage` walks a document with.
+mod reference {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    const FIELDS: [&str; 6] = [
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+        "prompt_tokens",
+        "completion_tokens",
+    ];
+
+    /// The largest count of each field, and whether one was out of reach.
+    #[derive(Default)]
+    pub(super) struct Found {
+        pub(super) fields: [u64; 6],
+        pub(super) ambiguous: bool,
+    }
+
+    /// One value, at `depth` containers down; `usage`: it is the value of
+    /// a `usage` key; `field`: it is a direct member of a usage object.
+    pub(super) struct Walk<'f> {
+        pub(super) found: &'f mut Found,
+        pub(super) depth: u32,
+        pub(super) usage: bool,
+        pub(super) field: Option<usize>,
+    }
+
+    /// A member name: `None` when it had an escape (not borrowed).
+    struct Name;
+
+    impl<'de> DeserializeSeed<'de> for Name {
+        type Value = Option<&'de str>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Name {
+        type Value = Option<&'de str>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a name")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+            if let Some(i) = self.field {
+                self.found.fields[i] = self.found.fields[i].max(v);
+            }
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+            // An integer literal past u64::MAX arrives as a float.
+            self.found.ambiguous |= self.field.is_some() && v >= 1.8e19;
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let depth = self.depth + 1;
+            while seq
+                .next_element_seed(Walk {
+                    found: &mut *self.found,
+                    depth,
+                    usage: false,
+                    field: None,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let depth = self.depth + 1;
+            let is_usage = self.usage && depth <= 64; // the scanner's bit stacks
+            while let Some(name) = map.next_key_seed(Name)? {
+                let field = FIELDS
+                    .iter()
+                    .position(|f| Some(*f) == name)
+                    .filter(|_| is_usage);
+                let usage = name == Some("usage");
+                map.next_value_seed(Walk {
+                    found: &mut *self.found,
+                    depth,
+                    usage,
+                    field,
+                })?;
+            }
+            Ok(())
+        }
     }
 }
