@@ -11,6 +11,9 @@
 #                                part between the bench markers is replaced)
 #   --keep                       keep the temp dir (configs, logs, results.json)
 #   --without-keyhole            skip keyhole (for working on the harness itself)
+#   KEYHOLE_EXTRA_ARGS='--max-tokens-per-hour 1000000000'
+#                                extra keyhole options (e.g. a token budget on,
+#                                so every response body is scanned for usage)
 #
 # Layout on a 2-core machine: every proxy is pinned to CPU 0; the upstream
 # servers and the load generators (wrk, curl, the Python clients) to CPU 1.
@@ -25,7 +28,7 @@ for arg in "$@"; do
     --write) WRITE=1 ;;
     --keep) KEEP=1 ;;
     --without-keyhole) WITH_KEYHOLE=0 ;;  # only for working on the harness itself
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown option: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -264,6 +267,8 @@ start proxy-haproxy 0 haproxy -db -f "$TMP/proxy-haproxy.cfg"
 KEYHOLE_CMD=("$KEYHOLE" --listen "127.0.0.1:$P_KEYHOLE" --ca-file "$TMP/ca.pem"
   --route "/=https://127.0.0.1:$UP_NGINX" --header 'x-api-key=${BENCH_KEY}'
   --route "/py=https://127.0.0.1:$UP_PY/py" --header 'x-api-key=${BENCH_KEY}')
+# shellcheck disable=SC2206 # split on purpose: a list of options
+KEYHOLE_CMD+=(${KEYHOLE_EXTRA_ARGS:-})
 # keyhole: stdout carries the `listening on` line, stderr one log line per request.
 if [[ $WITH_KEYHOLE == 1 ]]; then
   BENCH_KEY=$KEY taskset -c 0 "${KEYHOLE_CMD[@]}" >"$TMP/keyhole.out" 2>>"$TMP/keyhole.log" &
