@@ -179,29 +179,24 @@ impl tracing::Subscriber for LogLines {
             return;
         };
         let Sink { out, scratch, line } = &mut *sink;
-        let level = match *event.metadata().level() {
-            tracing::Level::ERROR => " ERROR",
-            tracing::Level::WARN => "  WARN",
-            tracing::Level::INFO => "  INFO",
-            tracing::Level::DEBUG => " DEBUG",
-            tracing::Level::TRACE => " TRACE",
-        };
+        let level = event.metadata().level().as_str();
+        line.clear();
         if self.json {
-            line.clear();
             line.extend_from_slice(b"{\"ts\":\"");
             line.extend_from_slice(&timestamp());
             line.extend_from_slice(b"\",\"level\":\"");
-            line.extend_from_slice(level.trim_start().as_bytes());
+            line.extend_from_slice(level.as_bytes());
             line.push(b'"');
-            event.record(&mut JsonFields { line, scratch });
-            line.extend_from_slice(b"}\n");
-            let _ = out.write_all(line);
-            return;
+        } else {
+            line.extend_from_slice(&timestamp());
+            // Right-aligned in six columns: ` ERROR`, `  INFO`.
+            line.extend_from_slice(&b"  "[..6 - level.len()]);
+            line.extend_from_slice(level.as_bytes());
         }
-        let _ = out.write_all(&timestamp());
-        let _ = out.write_all(level.as_bytes());
-        event.record(&mut Fields { out, scratch });
-        let _ = out.write_all(b"\n");
+        let json = self.json;
+        event.record(&mut Fields { line, scratch, json });
+        line.extend_from_slice(if json { b"}\n" } else { b"\n" });
+        let _ = out.write_all(line);
     }
 
     fn enter(&self, _: &span::Id) {}
@@ -235,46 +230,19 @@ fn timestamp() -> [u8; 27] {
     stamp
 }
 
-/// Writes an event's fields; `scratch` holds a value formatted for escaping.
+/// Writes an event's fields to `line`: as ` key=value` (`write_field`),
+/// or with `json` as JSON members (`message` as `msg`), numbers and
+/// booleans as JSON numbers and literals, everything else as strings.
+/// `scratch` holds a value formatted for escaping.
 struct Fields<'a> {
-    out: &'a mut BufWriter<Box<dyn Write + Send>>,
-    scratch: &'a mut String,
-}
-
-impl Visit for Fields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        write_field(self.out, field.name(), value);
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        let _ = write!(self.out, " {}={value}", field.name());
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        let _ = write!(self.out, " {}={value}", field.name());
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        let _ = write!(self.out, " {}={value}", field.name());
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.scratch.clear();
-        self.scratch.shrink_to(1024); // a rare long value does not keep its allocation
-        let _ = write!(self.scratch, "{value:?}");
-        write_field(self.out, field.name(), self.scratch);
-    }
-}
-
-/// Writes an event's fields as JSON members (`message` as `msg`): numbers
-/// and booleans as JSON numbers and literals, everything else as strings.
-struct JsonFields<'a> {
     line: &'a mut Vec<u8>,
     scratch: &'a mut String,
+    json: bool,
 }
 
-impl JsonFields<'_> {
-    fn name(&mut self, field: &Field) {
+impl Fields<'_> {
+    /// Starts a JSON member, `,"name":`.
+    fn json_name(&mut self, field: &Field) {
         let name = if field.name() == "message" {
             "msg"
         } else {
@@ -284,35 +252,47 @@ impl JsonFields<'_> {
         self.line.extend_from_slice(name.as_bytes());
         self.line.extend_from_slice(b"\":");
     }
+
+    /// A number or boolean, as it prints: never escaped or quoted.
+    fn plain(&mut self, field: &Field, value: impl std::fmt::Display) {
+        if self.json {
+            self.json_name(field);
+        } else {
+            let _ = write!(self.line, " {}=", field.name());
+        }
+        let _ = write!(self.line, "{value}");
+    }
 }
 
-impl Visit for JsonFields<'_> {
+impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.name(field);
-        json::write_string(self.line, value);
+        if self.json {
+            self.json_name(field);
+            json::write_string(self.line, value);
+        } else {
+            write_field(self.line, field.name(), value);
+        }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.name(field);
-        let _ = write!(self.line, "{value}");
+        self.plain(field, value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.name(field);
-        let _ = write!(self.line, "{value}");
+        self.plain(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.name(field);
-        let _ = write!(self.line, "{value}");
+        self.plain(field, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.scratch.clear();
-        self.scratch.shrink_to(1024);
-        let _ = write!(self.scratch, "{value:?}");
-        self.name(field);
-        json::write_string(self.line, self.scratch);
+        let mut scratch = std::mem::take(self.scratch);
+        scratch.clear();
+        scratch.shrink_to(1024); // a rare long value does not keep its allocation
+        let _ = write!(scratch, "{value:?}");
+        self.record_str(field, &scratch);
+        *self.scratch = scratch;
     }
 }
 
@@ -320,38 +300,17 @@ impl Visit for JsonFields<'_> {
 /// an event stays one line and a value cannot pass for more fields: control
 /// bytes and `\` as `\n`, `\r`, `\t`, `\\` or `\xHH`, and a field value that
 /// is empty or holds a space, `=` or `"` in double quotes, `"` as `\"`.
-fn write_field(out: &mut impl Write, name: &str, value: &str) {
+fn write_field(out: &mut Vec<u8>, name: &str, value: &str) {
     let message = name == "message";
-    let bytes = value.as_bytes();
-    let quote = !message && (bytes.is_empty() || bytes.iter().any(|b| b" =\"".contains(b)));
-    let _ = out.write_all(b" ");
+    let quote = !message && (value.is_empty() || value.bytes().any(|b| b" =\"".contains(&b)));
+    out.push(b' ');
     if !message {
-        let _ = out.write_all(name.as_bytes());
-        let _ = out.write_all(if quote { b"=\"" } else { b"=" });
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(if quote { b"=\"" } else { b"=" });
     }
-    let escaped = |b: u8| b < 0x20 || b == 0x7f || b == b'\\' || (quote && b == b'"');
-    let mut start = 0;
-    // Most values need no escape; this pass finds out, and unlike the loop
-    // below it vectorises (a sixth of the loop's time on a request line).
-    if bytes.iter().fold(false, |any, &b| any | escaped(b)) {
-        for (i, &b) in bytes.iter().enumerate().filter(|&(_, &b)| escaped(b)) {
-            let short = match b {
-                b'\n' => b'n',
-                b'\r' => b'r',
-                b'\t' => b't',
-                0..=0x1f | 0x7f => b'x',
-                _ => b, // `\\` and `"`
-            };
-            let hex = |n: u8| b"0123456789abcdef"[usize::from(n & 15)];
-            let escape = [b'\\', short, hex(b >> 4), hex(b)];
-            let _ = out.write_all(&bytes[start..i]);
-            let _ = out.write_all(&escape[..if short == b'x' { 4 } else { 2 }]);
-            start = i + 1;
-        }
-    }
-    let _ = out.write_all(&bytes[start..]);
+    json::escape(out, value, quote, b"x");
     if quote {
-        let _ = out.write_all(b"\"");
+        out.push(b'"');
     }
 }
 
@@ -379,7 +338,7 @@ const LOG_FLUSH: Duration = Duration::from_millis(100);
 struct Log(Arc<Mutex<Sink>>);
 
 /// What the log's lock guards: the buffered lines, `Fields`' scratch and
-/// the JSON line being built.
+/// the line being built.
 struct Sink {
     out: BufWriter<Box<dyn Write + Send>>,
     scratch: String,
