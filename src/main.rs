@@ -6,12 +6,11 @@
 
 use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keyhole::{ClientLimits, Limits, Proxy, Route, Secret};
+use keyhole::{Builder, ClientLimits, Limits, Proxy, Route, Secret};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
@@ -34,14 +33,11 @@ const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client
 With no --route and ANTHROPIC_API_KEY set:
   --route /=https://api.anthropic.com --header 'x-api-key=${ANTHROPIC_API_KEY}'";
 
-/// Parsed command line.
+/// Parsed command line: the builder with what it takes as given, and what
+/// `run` completes it with.
 struct Cli {
-    listen: SocketAddr,
+    builder: Builder,
     routes: Vec<CliRoute>,
-    clients: Vec<(String, Secret)>,
-    clients_file: Option<String>,
-    require_client_key: bool,
-    allow_hosts: Vec<String>,
     ca_files: Vec<String>,
     /// `--egress-proxy`: a URL or `none`.
     egress_proxy: Option<String>,
@@ -106,14 +102,8 @@ fn main() -> ExitCode {
         Ok(None) => return ExitCode::SUCCESS,
         Err(message) => return fail(message, 2),
     };
-    let log = Log::new(Box::new(std::io::stderr()));
-    log.flush_periodically();
-    let subscriber = LogLines {
-        max_level: cli.log_level,
-        log: log.clone(),
-        json: cli.log_json,
-    };
-    if tracing::subscriber::set_global_default(subscriber).is_err() {
+    let log = LogLines::new(Box::new(std::io::stderr()), cli.log_level, cli.log_json);
+    if tracing::subscriber::set_global_default(log.clone()).is_err() {
         return fail("cannot set up logging", 1);
     }
     // On one core (as when pinned with taskset) a single-threaded runtime
@@ -124,11 +114,10 @@ fn main() -> ExitCode {
     let mut runtime = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
-        let mut runtime = tokio::runtime::Builder::new_multi_thread();
-        runtime.worker_threads(threads);
-        runtime
+        tokio::runtime::Builder::new_multi_thread()
     };
-    let runtime = match runtime.enable_all().build() {
+    // Ignored by the current-thread runtime; zero would panic.
+    let runtime = match runtime.worker_threads(threads.max(1)).enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return fail(format!("cannot start the runtime: {err}"), 1),
     };
@@ -150,11 +139,11 @@ fn fail(why: impl std::fmt::Display, code: u8) -> ExitCode {
 /// than the rest of a small proxied request. Every value is escaped
 /// (`write_field`): messages carry request paths, and `%` fields carry
 /// upstream-derived text such as the names in a TLS certificate.
+#[derive(Clone)]
 struct LogLines {
     max_level: tracing::Level,
-    log: Log,
-    /// `--log-format json`: one JSON object per line instead.
-    json: bool,
+    /// Shared with the thread that flushes it every `LOG_FLUSH`.
+    sink: Arc<Mutex<Sink>>,
 }
 
 impl tracing::Subscriber for LogLines {
@@ -175,13 +164,14 @@ impl tracing::Subscriber for LogLines {
     fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
 
     fn event(&self, event: &tracing::Event<'_>) {
-        let Ok(mut sink) = self.log.0.lock() else {
+        let Ok(mut sink) = self.sink.lock() else {
             return;
         };
-        let Sink { out, scratch, line } = &mut *sink;
+        let sink = &mut *sink;
         let level = event.metadata().level().as_str();
+        let line = &mut sink.line;
         line.clear();
-        if self.json {
+        if sink.json {
             line.extend_from_slice(b"{\"ts\":\"");
             line.extend_from_slice(&timestamp());
             line.extend_from_slice(b"\",\"level\":\"");
@@ -193,10 +183,10 @@ impl tracing::Subscriber for LogLines {
             line.extend_from_slice(&b"  "[..6 - level.len()]);
             line.extend_from_slice(level.as_bytes());
         }
-        let json = self.json;
-        event.record(&mut Fields { line, scratch, json });
-        line.extend_from_slice(if json { b"}\n" } else { b"\n" });
-        let _ = out.write_all(line);
+        event.record(sink);
+        sink.line
+            .extend_from_slice(if sink.json { b"}\n" } else { b"\n" });
+        let _ = sink.out.write_all(&sink.line);
     }
 
     fn enter(&self, _: &span::Id) {}
@@ -230,24 +220,11 @@ fn timestamp() -> [u8; 27] {
     stamp
 }
 
-/// Writes an event's fields to `line`: as ` key=value` (`write_field`),
-/// or with `json` as JSON members (`message` as `msg`), numbers and
-/// booleans as JSON numbers and literals, everything else as strings.
-/// `scratch` holds a value formatted for escaping.
-struct Fields<'a> {
-    line: &'a mut Vec<u8>,
-    scratch: &'a mut String,
-    json: bool,
-}
-
-impl Fields<'_> {
+impl Sink {
     /// Starts a JSON member, `,"name":`.
     fn json_name(&mut self, field: &Field) {
-        let name = if field.name() == "message" {
-            "msg"
-        } else {
-            field.name()
-        };
+        let name = field.name();
+        let name = if name == "message" { "msg" } else { name };
         self.line.extend_from_slice(b",\"");
         self.line.extend_from_slice(name.as_bytes());
         self.line.extend_from_slice(b"\":");
@@ -264,13 +241,16 @@ impl Fields<'_> {
     }
 }
 
-impl Visit for Fields<'_> {
+/// Writes an event's fields to `line`: as ` key=value` (`write_field`),
+/// or with `json` as JSON members (`message` as `msg`), numbers and
+/// booleans as JSON numbers and literals, everything else as strings.
+impl Visit for Sink {
     fn record_str(&mut self, field: &Field, value: &str) {
         if self.json {
             self.json_name(field);
-            json::write_string(self.line, value);
+            json::write_string(&mut self.line, value);
         } else {
-            write_field(self.line, field.name(), value);
+            write_field(&mut self.line, field.name(), value);
         }
     }
 
@@ -287,12 +267,12 @@ impl Visit for Fields<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let mut scratch = std::mem::take(self.scratch);
+        let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         scratch.shrink_to(1024); // a rare long value does not keep its allocation
         let _ = write!(scratch, "{value:?}");
         self.record_str(field, &scratch);
-        *self.scratch = scratch;
+        self.scratch = scratch;
     }
 }
 
@@ -332,63 +312,49 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// was one of the seven system calls keyhole made per proxied request.
 const LOG_FLUSH: Duration = Duration::from_millis(100);
 
-/// stderr (or, in tests, another writer) behind a buffer that a background
-/// thread flushes every `LOG_FLUSH`.
-#[derive(Clone)]
-struct Log(Arc<Mutex<Sink>>);
-
-/// What the log's lock guards: the buffered lines, `Fields`' scratch and
-/// the line being built.
+/// What the log's lock guards: the buffered lines, the line being built,
+/// and a value formatted for escaping.
 struct Sink {
     out: BufWriter<Box<dyn Write + Send>>,
-    scratch: String,
     line: Vec<u8>,
+    scratch: String,
+    /// `--log-format json`: one JSON object per line instead.
+    json: bool,
 }
 
-impl Log {
-    fn new(out: Box<dyn Write + Send>) -> Log {
-        Log(Arc::new(Mutex::new(Sink {
+impl LogLines {
+    /// Lines to `out` (stderr, or in tests another writer) behind a buffer
+    /// that a background thread, started here, flushes every `LOG_FLUSH`.
+    fn new(out: Box<dyn Write + Send>, max_level: tracing::Level, json: bool) -> LogLines {
+        let sink = Sink {
             out: BufWriter::with_capacity(64 * 1024, out),
-            scratch: String::new(),
             line: Vec::new(),
-        })))
+            scratch: String::new(),
+            json,
+        };
+        let sink = Arc::new(Mutex::new(sink));
+        let log = LogLines { max_level, sink };
+        let flusher = log.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(LOG_FLUSH);
+            flusher.flush_now();
+        });
+        log
     }
 
     fn flush_now(&self) {
-        if let Ok(mut sink) = self.0.lock() {
+        if let Ok(mut sink) = self.sink.lock() {
             let _ = sink.out.flush();
         }
-    }
-
-    fn flush_periodically(&self) {
-        let log = self.clone();
-        std::thread::spawn(move || loop {
-            std::thread::sleep(LOG_FLUSH);
-            log.flush_now();
-        });
     }
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let mut builder = (Proxy::builder().listen(cli.listen))
-        .limits(cli.limits)
-        .client_limits(cli.budgets);
+    let mut builder = cli.builder.limits(cli.limits).client_limits(cli.budgets);
     let mut shown = Vec::with_capacity(cli.routes.len());
     for r in cli.routes {
         builder = builder.route(r.route);
         shown.push((r.prefix, r.url, r.names.join(",")));
-    }
-    for (name, key) in cli.clients {
-        builder = builder.client(&name, key);
-    }
-    if cli.require_client_key {
-        builder = builder.require_client_key();
-    }
-    if let Some(path) = &cli.clients_file {
-        builder = builder.clients_file(path);
-    }
-    for host in &cli.allow_hosts {
-        builder = builder.allow_host(host);
     }
     for path in &cli.ca_files {
         match std::fs::read(path) {
@@ -458,12 +424,8 @@ async fn run(cli: Cli) -> ExitCode {
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, String> {
     let mut cli = Cli {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        builder: Proxy::builder(),
         routes: Vec::new(),
-        clients: Vec::new(),
-        clients_file: None,
-        require_client_key: false,
-        allow_hosts: Vec::new(),
         ca_files: Vec::new(),
         egress_proxy: None,
         limits: Limits::default(),
@@ -474,46 +436,42 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
     };
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg.clone(), None),
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value)),
+            _ => (arg.as_str(), None),
         };
         let mut value = || -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| args.next())
+            (inline.map(str::to_owned).or_else(|| args.next()))
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
-        match flag.as_str() {
+        match flag {
             "--help" | "-h" | "--version" => {
                 let version = format!("keyhole {}", env!("CARGO_PKG_VERSION"));
                 println!("{}", if flag == "--version" { &version } else { USAGE });
                 return Ok(None);
             }
-            "--listen" => cli.listen = parsed(&flag, &value()?, "an IP:PORT address")?,
+            "--listen" => {
+                let addr = parsed(flag, &value()?, "an IP:PORT address")?;
+                cli.builder = cli.builder.listen(addr);
+            }
             "--route" => cli.routes.push(CliRoute::new(&value()?)?),
             "--header" => {
                 let route = cli.routes.pop().ok_or("--header must follow a --route")?;
                 cli.routes.push(route.header(&value()?)?);
             }
-            "--client-key" => {
-                let key = secret("--client-key", &value()?)?;
-                cli.clients.push(("default".to_owned(), key));
+            "--allow" => {
+                let route = cli.routes.pop().ok_or("--allow must follow a --route")?;
+                cli.routes.push(route.allow(&value()?)?);
             }
+            "--client-key" => cli.builder = cli.builder.client_key(secret(flag, &value()?)?),
             "--client" => {
                 let arg = value()?;
                 let (name, template) =
                     arg.split_once('=').ok_or("--client: expected NAME=VALUE")?;
                 let key = secret(&format!("--client {name}"), template)?;
-                cli.clients.push((name.to_owned(), key));
+                cli.builder = cli.builder.client(name, key);
             }
-            "--require-client-key" => cli.require_client_key = true,
-            "--clients-file" => cli.clients_file = Some(value()?),
-            "--allow" => {
-                let route = cli.routes.pop().ok_or("--allow must follow a --route")?;
-                cli.routes.push(route.allow(&value()?)?);
-            }
+            "--require-client-key" => cli.builder = cli.builder.require_client_key(),
+            "--clients-file" => cli.builder = cli.builder.clients_file(&value()?),
             "--log-format" => {
                 cli.log_json = match value()?.as_str() {
                     "text" => false,
@@ -521,28 +479,28 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
                     other => return Err(format!("--log-format {other}: expected text or json")),
                 };
             }
-            "--allow-host" => cli.allow_hosts.push(value()?),
+            "--allow-host" => cli.builder = cli.builder.allow_host(&value()?),
             "--ca-file" => cli.ca_files.push(value()?),
             "--egress-proxy" => cli.egress_proxy = Some(value()?),
             limit if limit.starts_with("--max-") || limit.ends_with("-timeout") => {
                 set_limit(&mut cli, limit, &value()?)?;
             }
-            "--threads" => cli.threads = Some(number(&flag, &value()?)?),
+            "--threads" => cli.threads = Some(number(flag, &value()?)?),
             "--log-level" => {
-                cli.log_level = parsed(&flag, &value()?, "error, warn, info, debug or trace")?;
+                cli.log_level = parsed(flag, &value()?, "error, warn, info, debug or trace")?;
             }
             _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
         }
     }
-    if cli.routes.is_empty() && std::env::var_os("ANTHROPIC_API_KEY").is_some() {
+    if cli.routes.is_empty() {
+        if std::env::var_os("ANTHROPIC_API_KEY").is_none() {
+            return Err(format!(
+                "no route given and ANTHROPIC_API_KEY is not set\n{USAGE}"
+            ));
+        }
         let route = CliRoute::new("/=https://api.anthropic.com")?;
         cli.routes
             .push(route.header("x-api-key=${ANTHROPIC_API_KEY}")?);
-    }
-    if cli.routes.is_empty() {
-        return Err(format!(
-            "no route given and ANTHROPIC_API_KEY is not set\n{USAGE}"
-        ));
     }
     Ok(Some(cli))
 }
@@ -555,9 +513,8 @@ fn set_limit(cli: &mut Cli, flag: &str, value: &str) -> Result<(), String> {
         "--head-timeout" => cli.limits.head_timeout = seconds(flag, value)?,
         "--drain-timeout" => cli.limits.drain_timeout = seconds(flag, value)?,
         "--connect-timeout" => {
-            let d = seconds(flag, value)?;
-            cli.limits.connect_timeout = d;
-            cli.limits.tls_timeout = d;
+            cli.limits.connect_timeout = seconds(flag, value)?;
+            cli.limits.tls_timeout = cli.limits.connect_timeout;
         }
         "--max-connections" => cli.limits.max_connections = number(flag, value)?,
         "--max-body-bytes" => cli.limits.max_body_bytes = Some(number(flag, value)?),
@@ -616,7 +573,7 @@ fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{civil_from_days, write_field, Log, LogLines};
+    use super::{civil_from_days, write_field, LogLines};
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
@@ -675,13 +632,8 @@ mod tests {
     #[test]
     fn a_display_field_cannot_forge_a_log_line() {
         let written = Written::default();
-        let log = Log::new(Box::new(written.clone()));
-        let subscriber = LogLines {
-            max_level: tracing::Level::INFO,
-            log: log.clone(),
-            json: false,
-        };
-        tracing::subscriber::with_default(subscriber, || {
+        let log = LogLines::new(Box::new(written.clone()), tracing::Level::INFO, false);
+        tracing::subscriber::with_default(log.clone(), || {
             let err = "a\nINFO forged";
             tracing::warn!(error = %err, "upstream failed");
             tracing::warn!(error = ?err, "the same, as Debug");
