@@ -507,26 +507,23 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
 
 /// Sets the limit or budget `flag` names (`--max-…`, `--…-timeout`).
 fn set_limit(cli: &mut Cli, flag: &str, value: &str) -> Result<(), String> {
+    let (limits, budgets) = (&mut cli.limits, &mut cli.budgets);
     match flag {
-        "--upstream-timeout" => cli.limits.upstream_timeout = seconds(flag, value)?,
-        "--idle-timeout" => cli.limits.idle_timeout = seconds(flag, value)?,
-        "--head-timeout" => cli.limits.head_timeout = seconds(flag, value)?,
-        "--drain-timeout" => cli.limits.drain_timeout = seconds(flag, value)?,
+        "--upstream-timeout" => limits.upstream_timeout = seconds(flag, value)?,
+        "--idle-timeout" => limits.idle_timeout = seconds(flag, value)?,
+        "--head-timeout" => limits.head_timeout = seconds(flag, value)?,
+        "--drain-timeout" => limits.drain_timeout = seconds(flag, value)?,
         "--connect-timeout" => {
-            cli.limits.connect_timeout = seconds(flag, value)?;
-            cli.limits.tls_timeout = cli.limits.connect_timeout;
+            limits.connect_timeout = seconds(flag, value)?;
+            limits.tls_timeout = limits.connect_timeout;
         }
-        "--max-connections" => cli.limits.max_connections = number(flag, value)?,
-        "--max-body-bytes" => cli.limits.max_body_bytes = Some(number(flag, value)?),
-        "--max-head-bytes" => cli.limits.max_head_bytes = number(flag, value)?,
-        "--max-headers" => cli.limits.max_headers = number(flag, value)?,
-        "--max-concurrent" => cli.budgets.max_concurrent = Some(number(flag, value)?),
-        "--max-requests-per-minute" => {
-            cli.budgets.max_requests_per_minute = Some(number(flag, value)?);
-        }
-        "--max-tokens-per-hour" => {
-            cli.budgets.max_tokens_per_hour = Some(number(flag, value)?);
-        }
+        "--max-connections" => limits.max_connections = number(flag, value)?,
+        "--max-body-bytes" => limits.max_body_bytes = Some(number(flag, value)?),
+        "--max-head-bytes" => limits.max_head_bytes = number(flag, value)?,
+        "--max-headers" => limits.max_headers = number(flag, value)?,
+        "--max-concurrent" => budgets.max_concurrent = Some(number(flag, value)?),
+        "--max-requests-per-minute" => budgets.max_requests_per_minute = Some(number(flag, value)?),
+        "--max-tokens-per-hour" => budgets.max_tokens_per_hour = Some(number(flag, value)?),
         _ => return Err(format!("unknown argument {flag:?}\n{USAGE}")),
     }
     Ok(())
