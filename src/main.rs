@@ -146,6 +146,48 @@ struct LogLines {
     sink: Arc<Mutex<Sink>>,
 }
 
+/// How often batched log lines reach stderr. One `write` per request line
+/// was one of the seven system calls keyhole made per proxied request.
+const LOG_FLUSH: Duration = Duration::from_millis(100);
+
+/// What the log's lock guards: the buffered lines, the line being built,
+/// and a value formatted for escaping.
+struct Sink {
+    out: BufWriter<Box<dyn Write + Send>>,
+    line: Vec<u8>,
+    scratch: String,
+    /// `--log-format json`: one JSON object per line instead.
+    json: bool,
+}
+
+impl LogLines {
+    /// Lines to `out` (stderr, or in tests another writer) behind a buffer
+    /// that a background thread, started here, flushes every `LOG_FLUSH`.
+    fn new(out: Box<dyn Write + Send>, max_level: tracing::Level, json: bool) -> LogLines {
+        let sink = Sink {
+            out: BufWriter::with_capacity(64 * 1024, out),
+            line: Vec::new(),
+            scratch: String::new(),
+            json,
+        };
+        let sink = Arc::new(Mutex::new(sink));
+        let log = LogLines { max_level, sink };
+        let flusher = log.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(LOG_FLUSH);
+            flusher.flush_now();
+        });
+        log
+    }
+
+    /// Writes the buffered lines out now: from the flusher, and at exit.
+    fn flush_now(&self) {
+        if let Ok(mut sink) = self.sink.lock() {
+            let _ = sink.out.flush();
+        }
+    }
+}
+
 impl tracing::Subscriber for LogLines {
     fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
         *metadata.level() <= self.max_level
@@ -306,47 +348,6 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
     (year, month, day)
-}
-
-/// How often batched log lines reach stderr. One `write` per request line
-/// was one of the seven system calls keyhole made per proxied request.
-const LOG_FLUSH: Duration = Duration::from_millis(100);
-
-/// What the log's lock guards: the buffered lines, the line being built,
-/// and a value formatted for escaping.
-struct Sink {
-    out: BufWriter<Box<dyn Write + Send>>,
-    line: Vec<u8>,
-    scratch: String,
-    /// `--log-format json`: one JSON object per line instead.
-    json: bool,
-}
-
-impl LogLines {
-    /// Lines to `out` (stderr, or in tests another writer) behind a buffer
-    /// that a background thread, started here, flushes every `LOG_FLUSH`.
-    fn new(out: Box<dyn Write + Send>, max_level: tracing::Level, json: bool) -> LogLines {
-        let sink = Sink {
-            out: BufWriter::with_capacity(64 * 1024, out),
-            line: Vec::new(),
-            scratch: String::new(),
-            json,
-        };
-        let sink = Arc::new(Mutex::new(sink));
-        let log = LogLines { max_level, sink };
-        let flusher = log.clone();
-        std::thread::spawn(move || loop {
-            std::thread::sleep(LOG_FLUSH);
-            flusher.flush_now();
-        });
-        log
-    }
-
-    fn flush_now(&self) {
-        if let Ok(mut sink) = self.sink.lock() {
-            let _ = sink.out.flush();
-        }
-    }
 }
 
 async fn run(cli: Cli) -> ExitCode {
