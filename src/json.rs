@@ -1,5 +1,6 @@
-//! JSON string escaping for the binary's `--log-format json` (RFC 8259 §7),
-//! written by hand (no serde) and fuzzed against a reference parser
+//! String escaping for the binary's log lines: JSON strings for
+//! `--log-format json` (RFC 8259 §7) and the text format's values, written
+//! by hand (no serde) and fuzzed against a reference parser
 //! (`fuzz/fuzz_targets/json_escape.rs`). Compiled into the binary, and into
 //! the library only for the fuzz targets.
 
@@ -9,28 +10,40 @@
 #[allow(unreachable_pub)] // public in the library's fuzzing seam only
 pub fn write_string(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');
+    escape(out, value, true, b"u00");
+    out.push(b'"');
+}
+
+/// Appends `value` with `\` and every control character escaped, as `\n`,
+/// `\r`, `\t`, or `\`, `hex` and two hex digits (`\u00XX` in JSON, `\xXX`
+/// in the text log); and `"` as `\"` when `quote`. The text log shares it.
+pub(crate) fn escape(out: &mut Vec<u8>, value: &str, quote: bool, hex: &[u8]) {
     let bytes = value.as_bytes();
+    let escaped = |b: u8| b < 0x20 || b == 0x7f || b == b'\\' || (quote && b == b'"');
+    // Most values need no escape; this pass finds out, and unlike the loop
+    // below it vectorises (a sixth of the loop's time on a request line).
+    if !bytes.iter().fold(false, |any, &b| any | escaped(b)) {
+        out.extend_from_slice(bytes);
+        return;
+    }
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'\n' => b'n',
-            b'\r' => b'r',
-            b'\t' => b't',
-            0..=0x1f | 0x7f => b'u',
-            _ => continue,
-        };
+    for (i, &b) in bytes.iter().enumerate().filter(|&(_, &b)| escaped(b)) {
         out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(&[b'\\', short]);
-        if short == b'u' {
-            let hex = |n: u8| b"0123456789abcdef"[usize::from(n & 15)];
-            out.extend_from_slice(&[b'0', b'0', hex(b >> 4), hex(b)]);
+        out.push(b'\\');
+        match b {
+            b'\n' => out.push(b'n'),
+            b'\r' => out.push(b'r'),
+            b'\t' => out.push(b't'),
+            b'\\' | b'"' => out.push(b),
+            _ => {
+                let digit = |n: u8| b"0123456789abcdef"[usize::from(n & 15)];
+                out.extend_from_slice(hex);
+                out.extend_from_slice(&[digit(b >> 4), digit(b)]);
+            }
         }
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 #[cfg(test)]

@@ -6,12 +6,11 @@
 
 use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keyhole::{ClientLimits, Limits, Proxy, Route, Secret};
+use keyhole::{Builder, ClientLimits, Limits, Proxy, Route, Secret};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
@@ -34,14 +33,11 @@ const USAGE: &str = "usage: keyhole [--listen ADDR] [--ca-file PEM]... [--client
 With no --route and ANTHROPIC_API_KEY set:
   --route /=https://api.anthropic.com --header 'x-api-key=${ANTHROPIC_API_KEY}'";
 
-/// Parsed command line.
+/// Parsed command line: the builder with what it takes as given, and what
+/// `run` completes it with.
 struct Cli {
-    listen: SocketAddr,
+    builder: Builder,
     routes: Vec<CliRoute>,
-    clients: Vec<(String, Secret)>,
-    clients_file: Option<String>,
-    require_client_key: bool,
-    allow_hosts: Vec<String>,
     ca_files: Vec<String>,
     /// `--egress-proxy`: a URL or `none`.
     egress_proxy: Option<String>,
@@ -106,14 +102,8 @@ fn main() -> ExitCode {
         Ok(None) => return ExitCode::SUCCESS,
         Err(message) => return fail(message, 2),
     };
-    let log = Log::new(Box::new(std::io::stderr()));
-    log.flush_periodically();
-    let subscriber = LogLines {
-        max_level: cli.log_level,
-        log: log.clone(),
-        json: cli.log_json,
-    };
-    if tracing::subscriber::set_global_default(subscriber).is_err() {
+    let log = LogLines::new(Box::new(std::io::stderr()), cli.log_level, cli.log_json);
+    if tracing::subscriber::set_global_default(log.clone()).is_err() {
         return fail("cannot set up logging", 1);
     }
     // On one core (as when pinned with taskset) a single-threaded runtime
@@ -124,11 +114,10 @@ fn main() -> ExitCode {
     let mut runtime = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
-        let mut runtime = tokio::runtime::Builder::new_multi_thread();
-        runtime.worker_threads(threads);
-        runtime
+        tokio::runtime::Builder::new_multi_thread()
     };
-    let runtime = match runtime.enable_all().build() {
+    // Ignored by the current-thread runtime; zero would panic.
+    let runtime = match runtime.worker_threads(threads.max(1)).enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return fail(format!("cannot start the runtime: {err}"), 1),
     };
@@ -150,11 +139,53 @@ fn fail(why: impl std::fmt::Display, code: u8) -> ExitCode {
 /// than the rest of a small proxied request. Every value is escaped
 /// (`write_field`): messages carry request paths, and `%` fields carry
 /// upstream-derived text such as the names in a TLS certificate.
+#[derive(Clone)]
 struct LogLines {
     max_level: tracing::Level,
-    log: Log,
+    /// Shared with the thread that flushes it every `LOG_FLUSH`.
+    sink: Arc<Mutex<Sink>>,
+}
+
+/// How often batched log lines reach stderr. One `write` per request line
+/// was one of the seven system calls keyhole made per proxied request.
+const LOG_FLUSH: Duration = Duration::from_millis(100);
+
+/// What the log's lock guards: the buffered lines, the line being built,
+/// and a value formatted for escaping.
+struct Sink {
+    out: BufWriter<Box<dyn Write + Send>>,
+    line: Vec<u8>,
+    scratch: String,
     /// `--log-format json`: one JSON object per line instead.
     json: bool,
+}
+
+impl LogLines {
+    /// Lines to `out` (stderr, or in tests another writer) behind a buffer
+    /// that a background thread, started here, flushes every `LOG_FLUSH`.
+    fn new(out: Box<dyn Write + Send>, max_level: tracing::Level, json: bool) -> LogLines {
+        let sink = Sink {
+            out: BufWriter::with_capacity(64 * 1024, out),
+            line: Vec::new(),
+            scratch: String::new(),
+            json,
+        };
+        let sink = Arc::new(Mutex::new(sink));
+        let log = LogLines { max_level, sink };
+        let flusher = log.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(LOG_FLUSH);
+            flusher.flush_now();
+        });
+        log
+    }
+
+    /// Writes the buffered lines out now: from the flusher, and at exit.
+    fn flush_now(&self) {
+        if let Ok(mut sink) = self.sink.lock() {
+            let _ = sink.out.flush();
+        }
+    }
 }
 
 impl tracing::Subscriber for LogLines {
@@ -175,33 +206,29 @@ impl tracing::Subscriber for LogLines {
     fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
 
     fn event(&self, event: &tracing::Event<'_>) {
-        let Ok(mut sink) = self.log.0.lock() else {
+        let Ok(mut sink) = self.sink.lock() else {
             return;
         };
-        let Sink { out, scratch, line } = &mut *sink;
-        let level = match *event.metadata().level() {
-            tracing::Level::ERROR => " ERROR",
-            tracing::Level::WARN => "  WARN",
-            tracing::Level::INFO => "  INFO",
-            tracing::Level::DEBUG => " DEBUG",
-            tracing::Level::TRACE => " TRACE",
-        };
-        if self.json {
-            line.clear();
+        let sink = &mut *sink;
+        let level = event.metadata().level().as_str();
+        let line = &mut sink.line;
+        line.clear();
+        if sink.json {
             line.extend_from_slice(b"{\"ts\":\"");
             line.extend_from_slice(&timestamp());
             line.extend_from_slice(b"\",\"level\":\"");
-            line.extend_from_slice(level.trim_start().as_bytes());
+            line.extend_from_slice(level.as_bytes());
             line.push(b'"');
-            event.record(&mut JsonFields { line, scratch });
-            line.extend_from_slice(b"}\n");
-            let _ = out.write_all(line);
-            return;
+        } else {
+            line.extend_from_slice(&timestamp());
+            // Right-aligned in six columns: ` ERROR`, `  INFO`.
+            line.extend_from_slice(&b"  "[..6 - level.len()]);
+            line.extend_from_slice(level.as_bytes());
         }
-        let _ = out.write_all(&timestamp());
-        let _ = out.write_all(level.as_bytes());
-        event.record(&mut Fields { out, scratch });
-        let _ = out.write_all(b"\n");
+        event.record(sink);
+        sink.line
+            .extend_from_slice(if sink.json { b"}\n" } else { b"\n" });
+        let _ = sink.out.write_all(&sink.line);
     }
 
     fn enter(&self, _: &span::Id) {}
@@ -235,84 +262,59 @@ fn timestamp() -> [u8; 27] {
     stamp
 }
 
-/// Writes an event's fields; `scratch` holds a value formatted for escaping.
-struct Fields<'a> {
-    out: &'a mut BufWriter<Box<dyn Write + Send>>,
-    scratch: &'a mut String,
-}
-
-impl Visit for Fields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        write_field(self.out, field.name(), value);
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        let _ = write!(self.out, " {}={value}", field.name());
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        let _ = write!(self.out, " {}={value}", field.name());
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        let _ = write!(self.out, " {}={value}", field.name());
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.scratch.clear();
-        self.scratch.shrink_to(1024); // a rare long value does not keep its allocation
-        let _ = write!(self.scratch, "{value:?}");
-        write_field(self.out, field.name(), self.scratch);
-    }
-}
-
-/// Writes an event's fields as JSON members (`message` as `msg`): numbers
-/// and booleans as JSON numbers and literals, everything else as strings.
-struct JsonFields<'a> {
-    line: &'a mut Vec<u8>,
-    scratch: &'a mut String,
-}
-
-impl JsonFields<'_> {
-    fn name(&mut self, field: &Field) {
-        let name = if field.name() == "message" {
-            "msg"
-        } else {
-            field.name()
-        };
+impl Sink {
+    /// Starts a JSON member, `,"name":`.
+    fn json_name(&mut self, field: &Field) {
+        let name = field.name();
+        let name = if name == "message" { "msg" } else { name };
         self.line.extend_from_slice(b",\"");
         self.line.extend_from_slice(name.as_bytes());
         self.line.extend_from_slice(b"\":");
     }
+
+    /// A number or boolean, as it prints: never escaped or quoted.
+    fn plain(&mut self, field: &Field, value: impl std::fmt::Display) {
+        if self.json {
+            self.json_name(field);
+        } else {
+            let _ = write!(self.line, " {}=", field.name());
+        }
+        let _ = write!(self.line, "{value}");
+    }
 }
 
-impl Visit for JsonFields<'_> {
+/// Writes an event's fields to `line`: as ` key=value` (`write_field`),
+/// or with `json` as JSON members (`message` as `msg`), numbers and
+/// booleans as JSON numbers and literals, everything else as strings.
+impl Visit for Sink {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.name(field);
-        json::write_string(self.line, value);
+        if self.json {
+            self.json_name(field);
+            json::write_string(&mut self.line, value);
+        } else {
+            write_field(&mut self.line, field.name(), value);
+        }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.name(field);
-        let _ = write!(self.line, "{value}");
+        self.plain(field, value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.name(field);
-        let _ = write!(self.line, "{value}");
+        self.plain(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.name(field);
-        let _ = write!(self.line, "{value}");
+        self.plain(field, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.scratch.clear();
-        self.scratch.shrink_to(1024);
-        let _ = write!(self.scratch, "{value:?}");
-        self.name(field);
-        json::write_string(self.line, self.scratch);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.shrink_to(1024); // a rare long value does not keep its allocation
+        let _ = write!(scratch, "{value:?}");
+        self.record_str(field, &scratch);
+        self.scratch = scratch;
     }
 }
 
@@ -320,38 +322,17 @@ impl Visit for JsonFields<'_> {
 /// an event stays one line and a value cannot pass for more fields: control
 /// bytes and `\` as `\n`, `\r`, `\t`, `\\` or `\xHH`, and a field value that
 /// is empty or holds a space, `=` or `"` in double quotes, `"` as `\"`.
-fn write_field(out: &mut impl Write, name: &str, value: &str) {
+fn write_field(out: &mut Vec<u8>, name: &str, value: &str) {
     let message = name == "message";
-    let bytes = value.as_bytes();
-    let quote = !message && (bytes.is_empty() || bytes.iter().any(|b| b" =\"".contains(b)));
-    let _ = out.write_all(b" ");
+    let quote = !message && (value.is_empty() || value.bytes().any(|b| b" =\"".contains(&b)));
+    out.push(b' ');
     if !message {
-        let _ = out.write_all(name.as_bytes());
-        let _ = out.write_all(if quote { b"=\"" } else { b"=" });
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(if quote { b"=\"" } else { b"=" });
     }
-    let escaped = |b: u8| b < 0x20 || b == 0x7f || b == b'\\' || (quote && b == b'"');
-    let mut start = 0;
-    // Most values need no escape; this pass finds out, and unlike the loop
-    // below it vectorises (a sixth of the loop's time on a request line).
-    if bytes.iter().fold(false, |any, &b| any | escaped(b)) {
-        for (i, &b) in bytes.iter().enumerate().filter(|&(_, &b)| escaped(b)) {
-            let short = match b {
-                b'\n' => b'n',
-                b'\r' => b'r',
-                b'\t' => b't',
-                0..=0x1f | 0x7f => b'x',
-                _ => b, // `\\` and `"`
-            };
-            let hex = |n: u8| b"0123456789abcdef"[usize::from(n & 15)];
-            let escape = [b'\\', short, hex(b >> 4), hex(b)];
-            let _ = out.write_all(&bytes[start..i]);
-            let _ = out.write_all(&escape[..if short == b'x' { 4 } else { 2 }]);
-            start = i + 1;
-        }
-    }
-    let _ = out.write_all(&bytes[start..]);
+    json::escape(out, value, quote, b"x");
     if quote {
-        let _ = out.write_all(b"\"");
+        out.push(b'"');
     }
 }
 
@@ -369,67 +350,12 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
-/// How often batched log lines reach stderr. One `write` per request line
-/// was one of the seven system calls keyhole made per proxied request.
-const LOG_FLUSH: Duration = Duration::from_millis(100);
-
-/// stderr (or, in tests, another writer) behind a buffer that a background
-/// thread flushes every `LOG_FLUSH`.
-#[derive(Clone)]
-struct Log(Arc<Mutex<Sink>>);
-
-/// What the log's lock guards: the buffered lines, `Fields`' scratch and
-/// the JSON line being built.
-struct Sink {
-    out: BufWriter<Box<dyn Write + Send>>,
-    scratch: String,
-    line: Vec<u8>,
-}
-
-impl Log {
-    fn new(out: Box<dyn Write + Send>) -> Log {
-        Log(Arc::new(Mutex::new(Sink {
-            out: BufWriter::with_capacity(64 * 1024, out),
-            scratch: String::new(),
-            line: Vec::new(),
-        })))
-    }
-
-    fn flush_now(&self) {
-        if let Ok(mut sink) = self.0.lock() {
-            let _ = sink.out.flush();
-        }
-    }
-
-    fn flush_periodically(&self) {
-        let log = self.clone();
-        std::thread::spawn(move || loop {
-            std::thread::sleep(LOG_FLUSH);
-            log.flush_now();
-        });
-    }
-}
-
 async fn run(cli: Cli) -> ExitCode {
-    let mut builder = (Proxy::builder().listen(cli.listen))
-        .limits(cli.limits)
-        .client_limits(cli.budgets);
+    let mut builder = cli.builder.limits(cli.limits).client_limits(cli.budgets);
     let mut shown = Vec::with_capacity(cli.routes.len());
     for r in cli.routes {
         builder = builder.route(r.route);
         shown.push((r.prefix, r.url, r.names.join(",")));
-    }
-    for (name, key) in cli.clients {
-        builder = builder.client(&name, key);
-    }
-    if cli.require_client_key {
-        builder = builder.require_client_key();
-    }
-    if let Some(path) = &cli.clients_file {
-        builder = builder.clients_file(path);
-    }
-    for host in &cli.allow_hosts {
-        builder = builder.allow_host(host);
     }
     for path in &cli.ca_files {
         match std::fs::read(path) {
@@ -499,12 +425,8 @@ async fn run(cli: Cli) -> ExitCode {
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, String> {
     let mut cli = Cli {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        builder: Proxy::builder(),
         routes: Vec::new(),
-        clients: Vec::new(),
-        clients_file: None,
-        require_client_key: false,
-        allow_hosts: Vec::new(),
         ca_files: Vec::new(),
         egress_proxy: None,
         limits: Limits::default(),
@@ -515,46 +437,42 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
     };
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg.clone(), None),
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value)),
+            _ => (arg.as_str(), None),
         };
         let mut value = || -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| args.next())
+            (inline.map(str::to_owned).or_else(|| args.next()))
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
-        match flag.as_str() {
+        match flag {
             "--help" | "-h" | "--version" => {
                 let version = format!("keyhole {}", env!("CARGO_PKG_VERSION"));
                 println!("{}", if flag == "--version" { &version } else { USAGE });
                 return Ok(None);
             }
-            "--listen" => cli.listen = parsed(&flag, &value()?, "an IP:PORT address")?,
+            "--listen" => {
+                let addr = parsed(flag, &value()?, "an IP:PORT address")?;
+                cli.builder = cli.builder.listen(addr);
+            }
             "--route" => cli.routes.push(CliRoute::new(&value()?)?),
             "--header" => {
                 let route = cli.routes.pop().ok_or("--header must follow a --route")?;
                 cli.routes.push(route.header(&value()?)?);
             }
-            "--client-key" => {
-                let key = secret("--client-key", &value()?)?;
-                cli.clients.push(("default".to_owned(), key));
+            "--allow" => {
+                let route = cli.routes.pop().ok_or("--allow must follow a --route")?;
+                cli.routes.push(route.allow(&value()?)?);
             }
+            "--client-key" => cli.builder = cli.builder.client_key(secret(flag, &value()?)?),
             "--client" => {
                 let arg = value()?;
                 let (name, template) =
                     arg.split_once('=').ok_or("--client: expected NAME=VALUE")?;
                 let key = secret(&format!("--client {name}"), template)?;
-                cli.clients.push((name.to_owned(), key));
+                cli.builder = cli.builder.client(name, key);
             }
-            "--require-client-key" => cli.require_client_key = true,
-            "--clients-file" => cli.clients_file = Some(value()?),
-            "--allow" => {
-                let route = cli.routes.pop().ok_or("--allow must follow a --route")?;
-                cli.routes.push(route.allow(&value()?)?);
-            }
+            "--require-client-key" => cli.builder = cli.builder.require_client_key(),
+            "--clients-file" => cli.builder = cli.builder.clients_file(&value()?),
             "--log-format" => {
                 cli.log_json = match value()?.as_str() {
                     "text" => false,
@@ -562,55 +480,51 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
                     other => return Err(format!("--log-format {other}: expected text or json")),
                 };
             }
-            "--allow-host" => cli.allow_hosts.push(value()?),
+            "--allow-host" => cli.builder = cli.builder.allow_host(&value()?),
             "--ca-file" => cli.ca_files.push(value()?),
             "--egress-proxy" => cli.egress_proxy = Some(value()?),
             limit if limit.starts_with("--max-") || limit.ends_with("-timeout") => {
                 set_limit(&mut cli, limit, &value()?)?;
             }
-            "--threads" => cli.threads = Some(number(&flag, &value()?)?),
+            "--threads" => cli.threads = Some(number(flag, &value()?)?),
             "--log-level" => {
-                cli.log_level = parsed(&flag, &value()?, "error, warn, info, debug or trace")?;
+                cli.log_level = parsed(flag, &value()?, "error, warn, info, debug or trace")?;
             }
             _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
         }
     }
-    if cli.routes.is_empty() && std::env::var_os("ANTHROPIC_API_KEY").is_some() {
+    if cli.routes.is_empty() {
+        if std::env::var_os("ANTHROPIC_API_KEY").is_none() {
+            return Err(format!(
+                "no route given and ANTHROPIC_API_KEY is not set\n{USAGE}"
+            ));
+        }
         let route = CliRoute::new("/=https://api.anthropic.com")?;
         cli.routes
             .push(route.header("x-api-key=${ANTHROPIC_API_KEY}")?);
-    }
-    if cli.routes.is_empty() {
-        return Err(format!(
-            "no route given and ANTHROPIC_API_KEY is not set\n{USAGE}"
-        ));
     }
     Ok(Some(cli))
 }
 
 /// Sets the limit or budget `flag` names (`--max-…`, `--…-timeout`).
 fn set_limit(cli: &mut Cli, flag: &str, value: &str) -> Result<(), String> {
+    let (limits, budgets) = (&mut cli.limits, &mut cli.budgets);
     match flag {
-        "--upstream-timeout" => cli.limits.upstream_timeout = seconds(flag, value)?,
-        "--idle-timeout" => cli.limits.idle_timeout = seconds(flag, value)?,
-        "--head-timeout" => cli.limits.head_timeout = seconds(flag, value)?,
-        "--drain-timeout" => cli.limits.drain_timeout = seconds(flag, value)?,
+        "--upstream-timeout" => limits.upstream_timeout = seconds(flag, value)?,
+        "--idle-timeout" => limits.idle_timeout = seconds(flag, value)?,
+        "--head-timeout" => limits.head_timeout = seconds(flag, value)?,
+        "--drain-timeout" => limits.drain_timeout = seconds(flag, value)?,
         "--connect-timeout" => {
-            let d = seconds(flag, value)?;
-            cli.limits.connect_timeout = d;
-            cli.limits.tls_timeout = d;
+            limits.connect_timeout = seconds(flag, value)?;
+            limits.tls_timeout = limits.connect_timeout;
         }
-        "--max-connections" => cli.limits.max_connections = number(flag, value)?,
-        "--max-body-bytes" => cli.limits.max_body_bytes = Some(number(flag, value)?),
-        "--max-head-bytes" => cli.limits.max_head_bytes = number(flag, value)?,
-        "--max-headers" => cli.limits.max_headers = number(flag, value)?,
-        "--max-concurrent" => cli.budgets.max_concurrent = Some(number(flag, value)?),
-        "--max-requests-per-minute" => {
-            cli.budgets.max_requests_per_minute = Some(number(flag, value)?);
-        }
-        "--max-tokens-per-hour" => {
-            cli.budgets.max_tokens_per_hour = Some(number(flag, value)?);
-        }
+        "--max-connections" => limits.max_connections = number(flag, value)?,
+        "--max-body-bytes" => limits.max_body_bytes = Some(number(flag, value)?),
+        "--max-head-bytes" => limits.max_head_bytes = number(flag, value)?,
+        "--max-headers" => limits.max_headers = number(flag, value)?,
+        "--max-concurrent" => budgets.max_concurrent = Some(number(flag, value)?),
+        "--max-requests-per-minute" => budgets.max_requests_per_minute = Some(number(flag, value)?),
+        "--max-tokens-per-hour" => budgets.max_tokens_per_hour = Some(number(flag, value)?),
         _ => return Err(format!("unknown argument {flag:?}\n{USAGE}")),
     }
     Ok(())
@@ -657,7 +571,7 @@ fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{civil_from_days, write_field, Log, LogLines};
+    use super::{civil_from_days, write_field, LogLines};
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
@@ -716,13 +630,8 @@ mod tests {
     #[test]
     fn a_display_field_cannot_forge_a_log_line() {
         let written = Written::default();
-        let log = Log::new(Box::new(written.clone()));
-        let subscriber = LogLines {
-            max_level: tracing::Level::INFO,
-            log: log.clone(),
-            json: false,
-        };
-        tracing::subscriber::with_default(subscriber, || {
+        let log = LogLines::new(Box::new(written.clone()), tracing::Level::INFO, false);
+        tracing::subscriber::with_default(log.clone(), || {
             let err = "a\nINFO forged";
             tracing::warn!(error = %err, "upstream failed");
             tracing::warn!(error = ?err, "the same, as Debug");
