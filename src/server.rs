@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -59,8 +59,9 @@ impl Proxy {
 
 /// Configures and starts a proxy. Everything is validated by `start`.
 /// Cloning gives the same configuration for another proxy (a runner that
-/// starts one per sandbox).
-#[derive(Debug)]
+/// starts one per sandbox); a listener given with `Builder::listener` is
+/// shared, so each of them would accept on it.
+#[derive(Debug, Clone)]
 pub struct Builder {
     listen: SocketAddr,
     routes: Vec<Route>,
@@ -69,33 +70,13 @@ pub struct Builder {
     require_client_key: bool,
     client_limits: ClientLimits,
     /// A socket the caller bound (see `Builder::listener`).
-    listener: Option<std::net::TcpListener>,
+    listener: Option<Arc<std::net::TcpListener>>,
     allowed_hosts: Vec<String>,
     ca_pems: Vec<Vec<u8>>,
     /// The egress proxy's URL (a `Secret`: it may hold a password) and
     /// `NO_PROXY` list.
     egress_proxy: Option<(Secret, String)>,
     limits: Limits,
-}
-
-impl Clone for Builder {
-    /// The same configuration; a listener given with `Builder::listener` is
-    /// shared (`try_clone`), so both proxies would accept on it.
-    fn clone(&self) -> Builder {
-        Builder {
-            listen: self.listen,
-            routes: self.routes.clone(),
-            clients: self.clients.clone(),
-            clients_file: self.clients_file.clone(),
-            require_client_key: self.require_client_key,
-            client_limits: self.client_limits,
-            listener: (self.listener.as_ref()).and_then(|l| l.try_clone().ok()),
-            allowed_hosts: self.allowed_hosts.clone(),
-            ca_pems: self.ca_pems.clone(),
-            egress_proxy: self.egress_proxy.clone(),
-            limits: self.limits.clone(),
-        }
-    }
 }
 
 impl Builder {
@@ -160,7 +141,7 @@ impl Builder {
     /// passed by systemd) instead of binding `listen`.
     #[must_use]
     pub fn listener(mut self, listener: std::net::TcpListener) -> Builder {
-        self.listener = Some(listener);
+        self.listener = Some(Arc::new(listener));
         self
     }
 
@@ -212,6 +193,7 @@ impl Builder {
             if self.routes[..i].iter().any(|r| r.prefix == route.prefix) {
                 return Err(Error::DuplicatePrefix(route.prefix.clone()));
             }
+            (route.headers.iter()).for_each(|(_, v)| v.warn_if_world_readable());
         }
         let required =
             self.require_client_key || !self.clients.is_empty() || self.clients_file.is_some();
@@ -220,12 +202,6 @@ impl Builder {
         for (name, key) in &self.clients {
             clients.add(name, key, None)?;
             key.warn_if_world_readable();
-        }
-        for route in &self.routes {
-            route
-                .headers
-                .iter()
-                .for_each(|(_, v)| v.warn_if_world_readable());
         }
         if let Some(path) = &self.clients_file {
             clients.replace_file_clients(crate::clients::read_clients_file(path)?)?;
@@ -244,9 +220,9 @@ impl Builder {
             .collect::<Result<_, _>>()?;
         let bind = |err| Error::Bind(self.listen, err);
         let listener = match self.listener {
-            Some(listener) => listener
-                .set_nonblocking(true)
-                .and_then(|()| TcpListener::from_std(listener))
+            // A descriptor of its own, as the builder may have been cloned.
+            Some(shared) => (shared.set_nonblocking(true))
+                .and_then(|()| TcpListener::from_std(shared.try_clone()?))
                 .map_err(bind)?,
             None => TcpListener::bind(self.listen).await.map_err(bind)?,
         };
@@ -266,16 +242,14 @@ impl Builder {
                 .instrument(span.clone()),
         );
         let pool = shared.clone();
-        tokio::spawn(
-            async move {
-                let max_age = pool.limits.pool_idle_timeout;
-                tokio::select! {
-                    () = upstream::reap(&pool.upstreams, wakeup, max_age) => {}
-                    () = conn::reached(phase_rx, Phase::Closing) => {}
-                }
+        let reaper = async move {
+            let max_age = pool.limits.pool_idle_timeout;
+            tokio::select! {
+                () = upstream::reap(&pool.upstreams, wakeup, max_age) => {}
+                () = conn::reached(phase_rx, Phase::Closing) => {}
             }
-            .instrument(span),
-        );
+        };
+        tokio::spawn(reaper.instrument(span));
         Ok(ProxyHandle {
             local_addr,
             clients_file: self.clients_file,
@@ -421,11 +395,7 @@ async fn accept_loop(
             _ = phase.wait_for(|p| *p != Phase::Running) => return,
         };
         let stream = match accepted {
-            Ok((stream, _)) => {
-                // Response heads and SSE events are small writes that must leave at once.
-                let _ = stream.set_nodelay(true);
-                stream
-            }
+            Ok((stream, _)) => stream,
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %err, "accept failed");
@@ -433,19 +403,17 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Response heads and SSE events are small writes that must leave at once.
+        let _ = stream.set_nodelay(true);
         if let Ok(permit) = permits.clone().try_acquire_owned() {
-            let shared = shared.clone();
-            let phase = phase.clone();
-            let serve = async move {
-                conn::serve(stream, shared, phase).await;
+            let serve = conn::serve(stream, shared.clone(), phase.clone());
+            let task = async move {
+                serve.await;
                 drop(permit);
             };
-            tokio::spawn(serve.in_current_span());
+            tokio::spawn(task.in_current_span());
         } else if let Ok(permit) = turn_away_permits.clone().try_acquire_owned() {
-            tokio::spawn(async move {
-                turn_away(stream).await;
-                drop(permit);
-            });
+            tokio::spawn(turn_away(stream, permit));
         }
         // Beyond both limits the connection is closed at once, unanswered:
         // a flood must not grow the number of tasks.
@@ -457,8 +425,9 @@ async fn accept_loop(
 const TURN_AWAY_PERMITS: usize = 64;
 const TURN_AWAY_TIME: Duration = Duration::from_secs(1);
 
-/// Over the connection limit: a clear 503 rather than a silent queue.
-async fn turn_away(mut stream: TcpStream) {
+/// Over the connection limit: a clear 503 rather than a silent queue. The
+/// turn-away permit is held until the answer is written or times out.
+async fn turn_away(mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
     let response = Refusal::Unavailable.response();
     let _ = tokio::time::timeout(TURN_AWAY_TIME, stream.write_all(&response)).await;
 }
