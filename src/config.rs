@@ -173,12 +173,12 @@ pub struct Route {
     pub(crate) allows: Vec<Allow>,
 }
 
-/// One allowlist entry: a method (`None`: any) and an upstream path, or
+/// One allowlist entry: a method (`*`: any) and an upstream path, or
 /// with `subtree` that path and every path below it (README "Allowlists").
 #[derive(Debug, Clone)]
 pub(crate) struct Allow {
     entry: String,
-    method: Option<String>,
+    method: String,
     path: String,
     subtree: bool,
 }
@@ -189,7 +189,7 @@ impl Allow {
         let subtree = pattern.ends_with("/*");
         Allow {
             entry: format!("{method} {pattern}"),
-            method: Some(method.to_owned()).filter(|m| m != "*"),
+            method: method.to_owned(),
             path: pattern.strip_suffix("/*").unwrap_or(pattern).to_owned(),
             subtree,
         }
@@ -197,11 +197,8 @@ impl Allow {
 
     fn validate(&self) -> Result<(), Error> {
         let bad = |why| Err(Error::BadAllow(self.entry.clone(), why));
-        if self
-            .method
-            .as_ref()
-            .is_some_and(|m| !is_token(m.as_bytes()))
-        {
+        // `*` is itself a `tchar`, so "any method" passes as a token.
+        if !is_token(self.method.as_bytes()) {
             return bad("METHOD must be a method name or *");
         }
         if !(self.path.starts_with('/') || self.subtree && self.path.is_empty()) {
@@ -210,7 +207,7 @@ impl Allow {
         if self
             .path
             .bytes()
-            .any(|b| b == b'*' || !(0x21..0x7f).contains(&b))
+            .any(|b| b == b'*' || !b.is_ascii_graphic())
         {
             return bad("PATTERN may hold * only as a final /*, and no spaces or controls");
         }
@@ -219,7 +216,7 @@ impl Allow {
 
     /// Does the request's method and upstream path (no query) match?
     pub(crate) fn matches(&self, method: &str, path: &[u8]) -> bool {
-        let method_ok = self.method.as_ref().is_none_or(|m| m == method);
+        let method_ok = self.method == "*" || self.method == method;
         let path_ok = match path.strip_prefix(self.path.as_bytes()) {
             Some(rest) => rest.is_empty() || (self.subtree && rest.starts_with(b"/")),
             None => false,
@@ -231,15 +228,13 @@ impl Allow {
 impl fmt::Debug for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let allows: Vec<&str> = self.allows.iter().map(|a| a.entry.as_str()).collect();
         f.debug_struct("Route")
             .field("prefix", &self.prefix)
             .field("upstream", &self.upstream.authority)
             .field("injected_headers", &names)
             .field("client_key", &self.client_key)
-            .field(
-                "allows",
-                &self.allows.iter().map(|a| &a.entry).collect::<Vec<_>>(),
-            )
+            .field("allows", &allows)
             .finish()
     }
 }
@@ -332,17 +327,21 @@ fn parse_prefix(prefix: &str) -> Result<String, Error> {
     if !prefix.starts_with('/') {
         return Err(bad("must start with /"));
     }
-    let path_chars = prefix
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && !b"?#%\\".contains(&b));
-    if !path_chars {
+    if prefix.contains(['?', '#', '%', '\\']) || !prefix.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(bad("only plain path characters are allowed"));
     }
     let trimmed = prefix.trim_end_matches('/');
-    if trimmed.contains("//") || trimmed.split('/').any(|s| s == "." || s == "..") {
+    if odd_segment(trimmed) {
         return Err(bad("empty or dot segments are not allowed"));
     }
     Ok(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
+}
+
+/// Does `path` (starting with `/` or empty, trailing `/` trimmed) have an
+/// empty or a dot segment, which could escape a base path or be normalised
+/// away?
+fn odd_segment(path: &str) -> bool {
+    path.contains("//") || path.split('/').any(|s| s == "." || s == "..")
 }
 
 /// A parsed, validated upstream URL.
@@ -361,36 +360,28 @@ pub(crate) struct UpstreamUrl {
 impl UpstreamUrl {
     pub(crate) fn parse(url: &str) -> Result<UpstreamUrl, Error> {
         let bad = |why| Error::BadUrl(url.to_owned(), why);
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
-            (true, rest)
-        } else if let Some(rest) = url.strip_prefix("http://") {
-            (false, rest)
-        } else {
-            return Err(bad("must start with https:// (or http:// for loopback)"));
+        let (tls, rest) = match url.split_once("://") {
+            Some(("https", rest)) => (true, rest),
+            Some(("http", rest)) => (false, rest),
+            _ => return Err(bad("must start with https:// (or http:// for loopback)")),
         };
         if rest.contains(['?', '#', '@', '\\']) || !rest.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(bad("no user info, query, fragment or unusual characters"));
         }
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let (host, port) = split_authority(authority).ok_or_else(|| bad("invalid host or port"))?;
-        let port = port.unwrap_or(if tls { 443 } else { 80 });
-        let host = host.to_owned();
-        if !tls && !is_loopback(&host) {
-            return Err(bad(
-                "http:// is only allowed for loopback hosts; use https://",
-            ));
+        if !tls && !is_loopback(host) {
+            let why = "http:// is only allowed for loopback hosts; use https://";
+            return Err(bad(why));
         }
         let path = path.trim_end_matches('/');
-        if path.contains("//")
-            || path.split('/').any(|s| s == "." || s == "..")
-            || path.contains('%')
-        {
+        if path.contains('%') || odd_segment(path) {
             return Err(bad("path with empty, dot or encoded segments"));
         }
         Ok(UpstreamUrl {
             tls,
-            host,
-            port,
+            host: host.to_owned(),
+            port: port.unwrap_or(if tls { 443 } else { 80 }),
             authority: authority.to_ascii_lowercase(),
             path: path.to_owned(),
         })
@@ -418,10 +409,9 @@ pub(crate) fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     };
     let port = match port {
         None => None,
-        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(p.parse::<u16>().ok().filter(|&n| n != 0)?)
-        }
-        Some(_) => return None,
+        // Digits only: `parse` would take a sign.
+        Some(p) if p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) => return None,
+        Some(p) => Some(p.parse::<u16>().ok().filter(|&n| n != 0)?),
     };
     Some((host, port))
 }
