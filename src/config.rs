@@ -52,9 +52,7 @@ impl Secret {
             let value = if let Some(path) = var.strip_prefix("file:") {
                 read_secret_file(path)?
             } else {
-                let valid =
-                    !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-                if !valid {
+                if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                     return Err(Error::BadTemplate);
                 }
                 let value = Zeroizing::new(
@@ -164,6 +162,7 @@ pub(crate) fn is_token(bytes: &[u8]) -> bool {
 /// One upstream: requests whose path is `prefix` or starts with `prefix/`
 /// go to `url`, carrying the route's injected headers.
 #[derive(Clone)]
+#[must_use]
 pub struct Route {
     pub(crate) prefix: String,
     pub(crate) upstream: UpstreamUrl,
@@ -204,11 +203,7 @@ impl Allow {
         if !(self.path.starts_with('/') || self.subtree && self.path.is_empty()) {
             return bad("PATTERN must start with /");
         }
-        if self
-            .path
-            .bytes()
-            .any(|b| b == b'*' || !b.is_ascii_graphic())
-        {
+        if self.path.contains('*') || !self.path.bytes().all(|b| b.is_ascii_graphic()) {
             return bad("PATTERN may hold * only as a final /*, and no spaces or controls");
         }
         Ok(())
@@ -254,7 +249,6 @@ impl Route {
 
     /// Adds a header the forwarded request carries exactly once, replacing
     /// any the client sent. Name and value are checked when the proxy starts.
-    #[must_use]
     pub fn header(mut self, name: &str, value: Secret) -> Route {
         self.headers.push((name.to_ascii_lowercase(), value));
         self
@@ -263,7 +257,6 @@ impl Route {
     /// Requires requests on this route to carry `key` (as `x-api-key` or
     /// `authorization: Bearer`), on top of any proxy-wide client key; so a
     /// runner can give each sandbox its own placeholder. Otherwise 401.
-    #[must_use]
     pub fn client_key(mut self, key: Secret) -> Route {
         self.client_key = Some(key);
         self
@@ -274,7 +267,6 @@ impl Route {
     /// `pattern` an upstream path (after the route's rewrite, without the
     /// query), matched exactly, or, ending in `/*`, that path and every path
     /// below it. Checked when the proxy starts.
-    #[must_use]
     pub fn allow(mut self, method: &str, pattern: &str) -> Route {
         self.allows.push(Allow::parse(method, pattern));
         self
@@ -282,9 +274,7 @@ impl Route {
 
     /// Does this route inject the header `name` (compared case-insensitively)?
     pub(crate) fn injects(&self, name: &[u8]) -> bool {
-        self.headers
-            .iter()
-            .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+        (self.headers.iter()).any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
     }
 
     /// Checks the injected headers: token names, each name once (the

@@ -39,7 +39,6 @@ pub struct Proxy;
 
 impl Proxy {
     /// A builder with no routes, listening on `127.0.0.1:0`, default limits.
-    #[must_use]
     pub fn builder() -> Builder {
         Builder {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -62,6 +61,7 @@ impl Proxy {
 /// starts one per sandbox); a listener given with `Builder::listener` is
 /// shared, so each of them would accept on it.
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct Builder {
     listen: SocketAddr,
     routes: Vec<Route>,
@@ -81,14 +81,12 @@ pub struct Builder {
 
 impl Builder {
     /// The address to bind; port 0 picks a free one (see `ProxyHandle::local_addr`).
-    #[must_use]
     pub fn listen(mut self, addr: SocketAddr) -> Builder {
         self.listen = addr;
         self
     }
 
     /// Adds a route; the longest matching prefix wins.
-    #[must_use]
     pub fn route(mut self, route: Route) -> Builder {
         self.routes.push(route);
         self
@@ -96,7 +94,6 @@ impl Builder {
 
     /// Requires every request to carry this key as `x-api-key` or
     /// `authorization: Bearer` (else 401): the client named `default`.
-    #[must_use]
     pub fn client_key(self, key: Secret) -> Builder {
         self.client("default", key)
     }
@@ -105,7 +102,6 @@ impl Builder {
     /// request must carry a registered key (else 401), and its log line
     /// names the client. Names are 1–64 bytes of `A-Z a-z 0-9 . _ -`;
     /// names and keys are unique (checked by `start`).
-    #[must_use]
     pub fn client(mut self, name: &str, key: Secret) -> Builder {
         self.clients.push((name.to_owned(), key));
         self
@@ -114,7 +110,6 @@ impl Builder {
     /// The spend limits of every client registered without limits of its
     /// own (`ProxyHandle::add_client_with` gives one its own). While client
     /// keys are not required, all requests share one budget under them.
-    #[must_use]
     pub fn client_limits(mut self, limits: ClientLimits) -> Builder {
         self.client_limits = limits;
         self
@@ -123,7 +118,6 @@ impl Builder {
     /// Registers the clients listed in a file (`NAME KEY` per line; empty
     /// lines and `#` comments skipped), read at start and again by
     /// `ProxyHandle::reload`, which revokes clients no longer listed.
-    #[must_use]
     pub fn clients_file(mut self, path: &str) -> Builder {
         self.clients_file = Some(path.to_owned());
         self
@@ -131,7 +125,6 @@ impl Builder {
 
     /// Requires a client key even while none is registered: every request
     /// is 401 until `ProxyHandle::add_client` registers one.
-    #[must_use]
     pub fn require_client_key(mut self) -> Builder {
         self.require_client_key = true;
         self
@@ -139,7 +132,6 @@ impl Builder {
 
     /// Serves on a socket the caller bound (inside a network namespace, or
     /// passed by systemd) instead of binding `listen`.
-    #[must_use]
     pub fn listener(mut self, listener: std::net::TcpListener) -> Builder {
         self.listener = Some(Arc::new(listener));
         self
@@ -147,7 +139,6 @@ impl Builder {
 
     /// Accepts this name in the client's `Host` header, besides IP literals,
     /// `localhost` and `host.docker.internal`.
-    #[must_use]
     pub fn allow_host(mut self, name: &str) -> Builder {
         self.allowed_hosts.push(name.to_owned());
         self
@@ -155,7 +146,6 @@ impl Builder {
 
     /// Trusts the certificates in this PEM text as upstream roots, on top of
     /// the built-in webpki roots.
-    #[must_use]
     pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Builder {
         self.ca_pems.push(pem.into());
         self
@@ -168,14 +158,12 @@ impl Builder {
     /// subdomains) and IP literals, any `:port` ignored. Checked by `start`,
     /// whose errors never show the URL. The library reads no environment: a
     /// program that honours `HTTPS_PROXY` and `NO_PROXY` passes them here.
-    #[must_use]
     pub fn egress_proxy(mut self, url: &str, no_proxy: &str) -> Builder {
         self.egress_proxy = Some((Secret::new(url), no_proxy.to_owned()));
         self
     }
 
     /// Replaces the limits and timeouts.
-    #[must_use]
     pub fn limits(mut self, limits: Limits) -> Builder {
         self.limits = limits;
         self
