@@ -183,17 +183,7 @@ pub(crate) struct Allow {
 }
 
 impl Allow {
-    /// Parses `METHOD PATTERN`, for `Route::validate`.
-    fn parse(method: &str, pattern: &str) -> Allow {
-        let subtree = pattern.ends_with("/*");
-        Allow {
-            entry: format!("{method} {pattern}"),
-            method: method.to_owned(),
-            path: pattern.strip_suffix("/*").unwrap_or(pattern).to_owned(),
-            subtree,
-        }
-    }
-
+    /// Checks the entry as written, for `Route::validate`; the error quotes it.
     fn validate(&self) -> Result<(), Error> {
         let bad = |why| Err(Error::BadAllow(self.entry.clone(), why));
         // `*` is itself a `tchar`, so "any method" passes as a token.
@@ -212,11 +202,9 @@ impl Allow {
     /// Does the request's method and upstream path (no query) match?
     pub(crate) fn matches(&self, method: &str, path: &[u8]) -> bool {
         let method_ok = self.method == "*" || self.method == method;
-        let path_ok = match path.strip_prefix(self.path.as_bytes()) {
-            Some(rest) => rest.is_empty() || (self.subtree && rest.starts_with(b"/")),
-            None => false,
-        };
-        method_ok && path_ok
+        let rest = path.strip_prefix(self.path.as_bytes());
+        method_ok
+            && rest.is_some_and(|rest| rest.is_empty() || self.subtree && rest.starts_with(b"/"))
     }
 }
 
@@ -268,7 +256,12 @@ impl Route {
     /// query), matched exactly, or, ending in `/*`, that path and every path
     /// below it. Checked when the proxy starts.
     pub fn allow(mut self, method: &str, pattern: &str) -> Route {
-        self.allows.push(Allow::parse(method, pattern));
+        self.allows.push(Allow {
+            entry: format!("{method} {pattern}"),
+            method: method.to_owned(),
+            path: pattern.strip_suffix("/*").unwrap_or(pattern).to_owned(),
+            subtree: pattern.ends_with("/*"),
+        });
         self
     }
 
@@ -305,8 +298,7 @@ pub(crate) fn check_value(value: &Secret, what: &str) -> Result<(), Error> {
     if bytes.is_empty() {
         return Err(Error::EmptyValue(what.to_owned()));
     }
-    let padded = [bytes[0], bytes[bytes.len() - 1]].contains(&b' ');
-    if bytes.iter().any(|&b| is_control(b)) || padded {
+    if bytes.starts_with(b" ") || bytes.ends_with(b" ") || bytes.iter().any(|&b| is_control(b)) {
         return Err(Error::BadHeaderValue(what.to_owned()));
     }
     Ok(())

@@ -63,6 +63,18 @@ pub(crate) enum Refusal {
     VersionNotSupported,
 }
 
+// The reason texts too long for their row in `Refusal::answer`.
+/// 403 `not-allowed`.
+const NOT_ALLOWED: &str = "this method and path are not on the route's allowlist";
+/// 413 `body-too-large`.
+const BODY_TOO_LARGE: &str = "request body over the configured limit";
+/// 417 `expectation`.
+const EXPECTATION: &str = "only Expect: 100-continue is supported";
+/// 429 `concurrency`.
+const IN_FLIGHT: &str = "too many requests in flight for this client";
+/// 429 `tokens`.
+const TOKENS_SPENT: &str = "this client's model-token budget is spent";
+
 impl Refusal {
     /// The status code this refusal is answered with, its `keyhole-error`
     /// code, and the fixed reason text sent as the body and logged: one row
@@ -73,32 +85,16 @@ impl Refusal {
             Self::Unauthorized => (401, "client-key", "missing or wrong client key"),
             Self::Browser => (403, "browser", "browser requests are refused"),
             Self::ForeignHost => (403, "host", "Host is not a local name"),
-            Self::NotAllowed => (
-                403,
-                "not-allowed",
-                "this method and path are not on the route's allowlist",
-            ),
+            Self::NotAllowed => (403, "not-allowed", NOT_ALLOWED),
             Self::NotFound => (404, "no-route", "no route matches this path"),
             Self::MethodNotAllowed => (405, "method", "TRACE is not allowed"),
             Self::RequestTimeout => (408, "request-timeout", "request not received in time"),
-            Self::PayloadTooLarge => (
-                413,
-                "body-too-large",
-                "request body over the configured limit",
-            ),
-            Self::ExpectationFailed => {
-                (417, "expectation", "only Expect: 100-continue is supported")
-            }
+            Self::PayloadTooLarge => (413, "body-too-large", BODY_TOO_LARGE),
+            Self::ExpectationFailed => (417, "expectation", EXPECTATION),
             Self::HeadTooLarge => (431, "head-too-large", "request head too large"),
-            Self::Limited(Limit::Concurrency, _) => (
-                429,
-                "concurrency",
-                "too many requests in flight for this client",
-            ),
+            Self::Limited(Limit::Concurrency, _) => (429, "concurrency", IN_FLIGHT),
             Self::Limited(Limit::Rate, _) => (429, "rate", "this client's request rate is spent"),
-            Self::Limited(Limit::Tokens, _) => {
-                (429, "tokens", "this client's model-token budget is spent")
-            }
+            Self::Limited(Limit::Tokens, _) => (429, "tokens", TOKENS_SPENT),
             Self::BadGateway(why) => (502, "upstream-malformed", why),
             Self::Unreachable(why) => (502, "upstream-unreachable", why),
             Self::UpstreamTls => (502, "upstream-tls", "upstream TLS handshake failed"),
@@ -126,13 +122,13 @@ impl Refusal {
     /// The whole response: status line, fixed headers, the reason as body.
     pub(crate) fn response(self) -> Vec<u8> {
         let (status, code, body) = self.answer();
-        let phrase = phrase(status);
         let retry = match self {
             Refusal::Limited(_, seconds) => format!("retry-after: {seconds}\r\n"),
             _ => String::new(),
         };
         format!(
-            "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\nkeyhole-error: {code}\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n{body}\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\nkeyhole-error: {code}\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n{body}\n",
+            phrase(status),
             body.len() + 1,
         )
         .into_bytes()

@@ -225,10 +225,8 @@ impl Builder {
         // keyhole's tasks carry the caller's span (a runner's
         // `info_span!("sandbox", id = …)` then labels keyhole's events).
         let span = tracing::Span::current();
-        let accept = tokio::spawn(
-            accept_loop(listener, shared.clone(), phase_rx.clone(), permits.clone())
-                .instrument(span.clone()),
-        );
+        let accept = accept_loop(listener, shared.clone(), phase_rx.clone(), permits.clone());
+        let accept = tokio::spawn(accept.instrument(span.clone()));
         let pool = shared.clone();
         let reaper = async move {
             let max_age = pool.limits.pool_idle_timeout;
@@ -244,7 +242,7 @@ impl Builder {
             phase: phase_tx,
             permits,
             shared,
-            accept: Some(accept),
+            accept,
         })
     }
 }
@@ -257,7 +255,8 @@ pub struct ProxyHandle {
     phase: watch::Sender<Phase>,
     permits: Arc<Semaphore>,
     shared: Arc<Shared>,
-    accept: Option<JoinHandle<()>>,
+    /// The accept loop; aborting it once it ended does nothing.
+    accept: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for ProxyHandle {
@@ -326,9 +325,8 @@ impl ProxyHandle {
     /// the file are revoked; on failure nothing changes and the error names
     /// the file.
     pub fn reload(&self) -> Result<(), Error> {
-        let clients = (self.clients_file.as_deref())
-            .map(crate::clients::read_clients_file)
-            .transpose()?;
+        let file = self.clients_file.as_deref();
+        let clients = file.map(crate::clients::read_clients_file).transpose()?;
         self.shared.table.reload(clients)?;
         tracing::info!("reloaded");
         Ok(())
@@ -340,9 +338,7 @@ impl ProxyHandle {
     pub async fn shutdown(mut self) {
         let drain = self.shared.limits.drain_timeout;
         self.phase.send_replace(Phase::Draining);
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.await;
-        }
+        let _ = (&mut self.accept).await;
         // At most a million (`Limits::validate`), so this fits.
         let all = u32::try_from(self.shared.limits.max_connections).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(drain, self.permits.acquire_many(all)).await;
@@ -360,9 +356,7 @@ impl ProxyHandle {
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
         self.phase.send_replace(Phase::Closing);
-        if let Some(accept) = self.accept.take() {
-            accept.abort();
-        }
+        self.accept.abort();
     }
 }
 
@@ -395,13 +389,9 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         if let Ok(permit) = permits.clone().try_acquire_owned() {
             let serve = conn::serve(stream, shared.clone(), phase.clone());
-            let task = async move {
-                serve.await;
-                drop(permit);
-            };
-            tokio::spawn(task.in_current_span());
+            tokio::spawn(holding(permit, serve).in_current_span());
         } else if let Ok(permit) = turn_away_permits.clone().try_acquire_owned() {
-            tokio::spawn(turn_away(stream, permit));
+            tokio::spawn(holding(permit, turn_away(stream)));
         }
         // Beyond both limits the connection is closed at once, unanswered:
         // a flood must not grow the number of tasks.
@@ -413,9 +403,13 @@ async fn accept_loop(
 const TURN_AWAY_PERMITS: usize = 64;
 const TURN_AWAY_TIME: Duration = Duration::from_secs(1);
 
-/// Over the connection limit: a clear 503 rather than a silent queue. The
-/// turn-away permit is held until the answer is written or times out.
-async fn turn_away(mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
+/// Runs a connection's task, holding its permit until the task ends.
+async fn holding(_permit: OwnedSemaphorePermit, task: impl std::future::Future<Output = ()>) {
+    task.await;
+}
+
+/// Over the connection limit: a clear 503 rather than a silent queue.
+async fn turn_away(mut stream: TcpStream) {
     let response = Refusal::Unavailable.response();
     let _ = tokio::time::timeout(TURN_AWAY_TIME, stream.write_all(&response)).await;
 }
