@@ -87,9 +87,7 @@ impl Clients {
         key: &Secret,
         limits: Option<ClientLimits>,
     ) -> Result<(), Error> {
-        let limits = limits.unwrap_or(self.defaults);
-        limits.validate()?;
-        let client = entry(name, key, limits, false)?;
+        let client = entry(name, key, limits.unwrap_or(self.defaults), false)?;
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         check_unique(&entries, &client)?;
         entries.push(client);
@@ -99,9 +97,9 @@ impl Clients {
     /// Revokes `name`: once this returns, no lookup finds its key.
     pub(crate) fn remove(&self, name: &str) -> bool {
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
-        let before = entries.len();
-        entries.retain(|c| &*c.name != name);
-        entries.len() != before
+        // Names are unique (`check_unique`): there is at most one.
+        let index = entries.iter().position(|c| &*c.name == name);
+        index.map(|i| entries.remove(i)).is_some()
     }
 
     /// Replaces every client the clients file registered with `fresh` (a
@@ -155,8 +153,10 @@ pub(crate) fn read_clients_file(path: &str) -> Result<Vec<Client>, Error> {
     Ok(clients)
 }
 
-/// A client entry for `name` and `key`, both validated, with a fresh budget.
+/// A client entry for `name` and `key` with a fresh budget under `limits`,
+/// all three validated.
 fn entry(name: &str, key: &Secret, limits: ClientLimits, from_file: bool) -> Result<Client, Error> {
+    limits.validate()?;
     let valid_name = (1..=64).contains(&name.len())
         && (name.bytes()).all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !valid_name {

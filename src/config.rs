@@ -141,12 +141,11 @@ pub(crate) fn is_control(byte: u8) -> bool {
 pub(crate) fn is_tchar(byte: u8) -> bool {
     static TCHAR: [bool; 256] = {
         let mut table = [false; 256];
-        let mut b = 0;
+        let mut b = 0u8;
         while b < 128 {
-            let c = b as u8;
-            table[b] = c.is_ascii_alphanumeric()
-                || matches!(c, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+')
-                || matches!(c, b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
+            table[b as usize] = b.is_ascii_alphanumeric()
+                || matches!(b, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+')
+                || matches!(b, b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
             b += 1;
         }
         table
