@@ -55,9 +55,8 @@ impl Secret {
                 if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                     return Err(Error::BadTemplate);
                 }
-                let value = Zeroizing::new(
-                    std::env::var(var).map_err(|_| Error::UnsetVariable(var.to_owned()))?,
-                );
+                let unset = |_| Error::UnsetVariable(var.to_owned());
+                let value = Zeroizing::new(std::env::var(var).map_err(unset)?);
                 if value.bytes().any(is_control) {
                     return Err(Error::VariableHasControlByte(var.to_owned()));
                 }
