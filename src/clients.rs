@@ -64,13 +64,9 @@ impl Clients {
     pub(crate) fn lookup(&self, key: &[u8]) -> Option<Arc<Budget>> {
         let presented = sha256(key);
         let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
-        let mut found = None;
-        for client in entries.iter() {
-            if constant_time_eq(&client.digest, &presented) {
-                found = Some(client.budget.clone());
-            }
-        }
-        found
+        // A fold visits every entry: each digest is compared, no early exit.
+        let found = (entries.iter()).filter(|c| constant_time_eq(&c.digest, &presented));
+        found.fold(None, |_, c| Some(c.budget.clone()))
     }
 
     /// What the client `name` (`-`: unidentified requests) has used.
@@ -91,10 +87,7 @@ impl Clients {
         key: &Secret,
         limits: Option<ClientLimits>,
     ) -> Result<(), Error> {
-        let limits = limits.unwrap_or(self.defaults);
-        limits.validate()?;
-        let mut client = entry(name, key, false)?;
-        client.budget = Arc::new(Budget::new(client.name.clone(), limits));
+        let client = entry(name, key, limits.unwrap_or(self.defaults), false)?;
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         check_unique(&entries, &client)?;
         entries.push(client);
@@ -104,13 +97,11 @@ impl Clients {
     /// Revokes `name`: once this returns, no lookup finds its key.
     pub(crate) fn remove(&self, name: &str) -> bool {
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
-        let before = entries.len();
-        entries.retain(|c| &*c.name != name);
-        entries.len() != before
+        // Names are unique (`check_unique`): there is at most one.
+        let index = entries.iter().position(|c| &*c.name == name);
+        index.map(|i| entries.remove(i)).is_some()
     }
-}
 
-impl Clients {
     /// Replaces every client the clients file registered with `fresh` (a
     /// file read by `read_clients_file`); nothing changes if a name or key
     /// clashes with a client registered otherwise.
@@ -151,7 +142,8 @@ pub(crate) fn read_clients_file(path: &str) -> Result<Vec<Client>, Error> {
         let (name, key) =
             (line.split_once([' ', '\t'])).ok_or_else(|| fail(i + 1, "expected NAME KEY"))?;
         let key = Secret::new(key.trim_matches([' ', '\t']));
-        let client = entry(name, &key, true).map_err(|err| match err {
+        // The budget is set by `replace_file_clients`, which knows the defaults.
+        let client = entry(name, &key, ClientLimits::default(), true).map_err(|err| match err {
             Error::BadClientName => fail(i + 1, "bad client name"),
             _ => fail(i + 1, "bad key (empty or a control byte)"),
         })?;
@@ -161,8 +153,10 @@ pub(crate) fn read_clients_file(path: &str) -> Result<Vec<Client>, Error> {
     Ok(clients)
 }
 
-/// A client entry for `name` and `key`, both validated.
-fn entry(name: &str, key: &Secret, from_file: bool) -> Result<Client, Error> {
+/// A client entry for `name` and `key` with a fresh budget under `limits`,
+/// all three validated.
+fn entry(name: &str, key: &Secret, limits: ClientLimits, from_file: bool) -> Result<Client, Error> {
+    limits.validate()?;
     let valid_name = (1..=64).contains(&name.len())
         && (name.bytes()).all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !valid_name {
@@ -171,7 +165,7 @@ fn entry(name: &str, key: &Secret, from_file: bool) -> Result<Client, Error> {
     crate::config::check_value(key, &format!("client {name}"))?;
     let name: Arc<str> = name.into();
     Ok(Client {
-        budget: Arc::new(Budget::new(name.clone(), ClientLimits::default())),
+        budget: Arc::new(Budget::new(name.clone(), limits)),
         name,
         digest: sha256(key.expose()),
         from_file,
@@ -200,9 +194,7 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// operating system's generator.
 pub(crate) fn generate_key() -> Result<Secret, Error> {
     let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
-    SystemRandom::new()
-        .fill(bytes.as_mut())
-        .map_err(|_| Error::Random)?;
+    (SystemRandom::new().fill(bytes.as_mut())).map_err(|_| Error::Random)?;
     let mut text = String::with_capacity(3 + 43);
     text.push_str("kh_");
     base64(bytes.as_ref(), BASE64URL, false, &mut text);
@@ -217,10 +209,7 @@ pub(crate) const BASE64URL: &[u8; 64] =
 /// padding if `pad`. `out` must have room: it holds secrets.
 pub(crate) fn base64(bytes: &[u8], alphabet: &[u8; 64], pad: bool, out: &mut String) {
     for group in bytes.chunks(3) {
-        let n = group
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        let n = (group.iter().enumerate()).fold(0, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
         for i in 0..4 {
             if i <= group.len() {
                 out.push(char::from(alphabet[(n >> (18 - 6 * i)) as usize & 63]));

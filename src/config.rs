@@ -52,14 +52,11 @@ impl Secret {
             let value = if let Some(path) = var.strip_prefix("file:") {
                 read_secret_file(path)?
             } else {
-                let valid =
-                    !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-                if !valid {
+                if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                     return Err(Error::BadTemplate);
                 }
-                let value = Zeroizing::new(
-                    std::env::var(var).map_err(|_| Error::UnsetVariable(var.to_owned()))?,
-                );
+                let unset = |_| Error::UnsetVariable(var.to_owned());
+                let value = Zeroizing::new(std::env::var(var).map_err(unset)?);
                 if value.bytes().any(is_control) {
                     return Err(Error::VariableHasControlByte(var.to_owned()));
                 }
@@ -143,12 +140,11 @@ pub(crate) fn is_control(byte: u8) -> bool {
 pub(crate) fn is_tchar(byte: u8) -> bool {
     static TCHAR: [bool; 256] = {
         let mut table = [false; 256];
-        let mut b = 0;
+        let mut b = 0u8;
         while b < 128 {
-            let c = b as u8;
-            table[b] = c.is_ascii_alphanumeric()
-                || matches!(c, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+')
-                || matches!(c, b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
+            table[b as usize] = b.is_ascii_alphanumeric()
+                || matches!(b, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+')
+                || matches!(b, b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
             b += 1;
         }
         table
@@ -164,6 +160,7 @@ pub(crate) fn is_token(bytes: &[u8]) -> bool {
 /// One upstream: requests whose path is `prefix` or starts with `prefix/`
 /// go to `url`, carrying the route's injected headers.
 #[derive(Clone)]
+#[must_use]
 pub struct Route {
     pub(crate) prefix: String,
     pub(crate) upstream: UpstreamUrl,
@@ -173,45 +170,28 @@ pub struct Route {
     pub(crate) allows: Vec<Allow>,
 }
 
-/// One allowlist entry: a method (`None`: any) and an upstream path, or
+/// One allowlist entry: a method (`*`: any) and an upstream path, or
 /// with `subtree` that path and every path below it (README "Allowlists").
 #[derive(Debug, Clone)]
 pub(crate) struct Allow {
     entry: String,
-    method: Option<String>,
+    method: String,
     path: String,
     subtree: bool,
 }
 
 impl Allow {
-    /// Parses `METHOD PATTERN`, for `Route::validate`.
-    fn parse(method: &str, pattern: &str) -> Allow {
-        let subtree = pattern.ends_with("/*");
-        Allow {
-            entry: format!("{method} {pattern}"),
-            method: Some(method.to_owned()).filter(|m| m != "*"),
-            path: pattern.strip_suffix("/*").unwrap_or(pattern).to_owned(),
-            subtree,
-        }
-    }
-
+    /// Checks the entry as written, for `Route::validate`; the error quotes it.
     fn validate(&self) -> Result<(), Error> {
         let bad = |why| Err(Error::BadAllow(self.entry.clone(), why));
-        if self
-            .method
-            .as_ref()
-            .is_some_and(|m| !is_token(m.as_bytes()))
-        {
+        // `*` is itself a `tchar`, so "any method" passes as a token.
+        if !is_token(self.method.as_bytes()) {
             return bad("METHOD must be a method name or *");
         }
         if !(self.path.starts_with('/') || self.subtree && self.path.is_empty()) {
             return bad("PATTERN must start with /");
         }
-        if self
-            .path
-            .bytes()
-            .any(|b| b == b'*' || !(0x21..0x7f).contains(&b))
-        {
+        if self.path.contains('*') || !self.path.bytes().all(|b| b.is_ascii_graphic()) {
             return bad("PATTERN may hold * only as a final /*, and no spaces or controls");
         }
         Ok(())
@@ -219,27 +199,23 @@ impl Allow {
 
     /// Does the request's method and upstream path (no query) match?
     pub(crate) fn matches(&self, method: &str, path: &[u8]) -> bool {
-        let method_ok = self.method.as_ref().is_none_or(|m| m == method);
-        let path_ok = match path.strip_prefix(self.path.as_bytes()) {
-            Some(rest) => rest.is_empty() || (self.subtree && rest.starts_with(b"/")),
-            None => false,
-        };
-        method_ok && path_ok
+        let method_ok = self.method == "*" || self.method == method;
+        let rest = path.strip_prefix(self.path.as_bytes());
+        method_ok
+            && rest.is_some_and(|rest| rest.is_empty() || self.subtree && rest.starts_with(b"/"))
     }
 }
 
 impl fmt::Debug for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let allows: Vec<&str> = self.allows.iter().map(|a| a.entry.as_str()).collect();
         f.debug_struct("Route")
             .field("prefix", &self.prefix)
             .field("upstream", &self.upstream.authority)
             .field("injected_headers", &names)
             .field("client_key", &self.client_key)
-            .field(
-                "allows",
-                &self.allows.iter().map(|a| &a.entry).collect::<Vec<_>>(),
-            )
+            .field("allows", &allows)
             .finish()
     }
 }
@@ -259,7 +235,6 @@ impl Route {
 
     /// Adds a header the forwarded request carries exactly once, replacing
     /// any the client sent. Name and value are checked when the proxy starts.
-    #[must_use]
     pub fn header(mut self, name: &str, value: Secret) -> Route {
         self.headers.push((name.to_ascii_lowercase(), value));
         self
@@ -268,7 +243,6 @@ impl Route {
     /// Requires requests on this route to carry `key` (as `x-api-key` or
     /// `authorization: Bearer`), on top of any proxy-wide client key; so a
     /// runner can give each sandbox its own placeholder. Otherwise 401.
-    #[must_use]
     pub fn client_key(mut self, key: Secret) -> Route {
         self.client_key = Some(key);
         self
@@ -279,17 +253,19 @@ impl Route {
     /// `pattern` an upstream path (after the route's rewrite, without the
     /// query), matched exactly, or, ending in `/*`, that path and every path
     /// below it. Checked when the proxy starts.
-    #[must_use]
     pub fn allow(mut self, method: &str, pattern: &str) -> Route {
-        self.allows.push(Allow::parse(method, pattern));
+        self.allows.push(Allow {
+            entry: format!("{method} {pattern}"),
+            method: method.to_owned(),
+            path: pattern.strip_suffix("/*").unwrap_or(pattern).to_owned(),
+            subtree: pattern.ends_with("/*"),
+        });
         self
     }
 
     /// Does this route inject the header `name` (compared case-insensitively)?
     pub(crate) fn injects(&self, name: &[u8]) -> bool {
-        self.headers
-            .iter()
-            .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+        (self.headers.iter()).any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
     }
 
     /// Checks the injected headers: token names, each name once (the
@@ -320,8 +296,7 @@ pub(crate) fn check_value(value: &Secret, what: &str) -> Result<(), Error> {
     if bytes.is_empty() {
         return Err(Error::EmptyValue(what.to_owned()));
     }
-    let padded = [bytes[0], bytes[bytes.len() - 1]].contains(&b' ');
-    if bytes.iter().any(|&b| is_control(b)) || padded {
+    if bytes.starts_with(b" ") || bytes.ends_with(b" ") || bytes.iter().any(|&b| is_control(b)) {
         return Err(Error::BadHeaderValue(what.to_owned()));
     }
     Ok(())
@@ -332,17 +307,21 @@ fn parse_prefix(prefix: &str) -> Result<String, Error> {
     if !prefix.starts_with('/') {
         return Err(bad("must start with /"));
     }
-    let path_chars = prefix
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && !b"?#%\\".contains(&b));
-    if !path_chars {
+    if prefix.contains(['?', '#', '%', '\\']) || !prefix.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(bad("only plain path characters are allowed"));
     }
     let trimmed = prefix.trim_end_matches('/');
-    if trimmed.contains("//") || trimmed.split('/').any(|s| s == "." || s == "..") {
+    if odd_segment(trimmed) {
         return Err(bad("empty or dot segments are not allowed"));
     }
     Ok(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
+}
+
+/// Does `path` (starting with `/` or empty, trailing `/` trimmed) have an
+/// empty or a dot segment, which could escape a base path or be normalised
+/// away?
+fn odd_segment(path: &str) -> bool {
+    path.contains("//") || path.split('/').any(|s| s == "." || s == "..")
 }
 
 /// A parsed, validated upstream URL.
@@ -361,36 +340,28 @@ pub(crate) struct UpstreamUrl {
 impl UpstreamUrl {
     pub(crate) fn parse(url: &str) -> Result<UpstreamUrl, Error> {
         let bad = |why| Error::BadUrl(url.to_owned(), why);
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
-            (true, rest)
-        } else if let Some(rest) = url.strip_prefix("http://") {
-            (false, rest)
-        } else {
-            return Err(bad("must start with https:// (or http:// for loopback)"));
+        let (tls, rest) = match url.split_once("://") {
+            Some(("https", rest)) => (true, rest),
+            Some(("http", rest)) => (false, rest),
+            _ => return Err(bad("must start with https:// (or http:// for loopback)")),
         };
         if rest.contains(['?', '#', '@', '\\']) || !rest.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(bad("no user info, query, fragment or unusual characters"));
         }
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let (host, port) = split_authority(authority).ok_or_else(|| bad("invalid host or port"))?;
-        let port = port.unwrap_or(if tls { 443 } else { 80 });
-        let host = host.to_owned();
-        if !tls && !is_loopback(&host) {
-            return Err(bad(
-                "http:// is only allowed for loopback hosts; use https://",
-            ));
+        if !tls && !is_loopback(host) {
+            let why = "http:// is only allowed for loopback hosts; use https://";
+            return Err(bad(why));
         }
         let path = path.trim_end_matches('/');
-        if path.contains("//")
-            || path.split('/').any(|s| s == "." || s == "..")
-            || path.contains('%')
-        {
+        if path.contains('%') || odd_segment(path) {
             return Err(bad("path with empty, dot or encoded segments"));
         }
         Ok(UpstreamUrl {
             tls,
-            host,
-            port,
+            host: host.to_owned(),
+            port: port.unwrap_or(if tls { 443 } else { 80 }),
             authority: authority.to_ascii_lowercase(),
             path: path.to_owned(),
         })
@@ -418,10 +389,9 @@ pub(crate) fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     };
     let port = match port {
         None => None,
-        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(p.parse::<u16>().ok().filter(|&n| n != 0)?)
-        }
-        Some(_) => return None,
+        // Digits only: `parse` would take a sign.
+        Some(p) if p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) => return None,
+        Some(p) => Some(p.parse::<u16>().ok().filter(|&n| n != 0)?),
     };
     Some((host, port))
 }

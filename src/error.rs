@@ -63,87 +63,45 @@ pub(crate) enum Refusal {
     VersionNotSupported,
 }
 
+// The reason texts too long for their row in `Refusal::answer`.
+/// 403 `not-allowed`.
+const NOT_ALLOWED: &str = "this method and path are not on the route's allowlist";
+/// 413 `body-too-large`.
+const BODY_TOO_LARGE: &str = "request body over the configured limit";
+/// 417 `expectation`.
+const EXPECTATION: &str = "only Expect: 100-continue is supported";
+/// 429 `concurrency`.
+const IN_FLIGHT: &str = "too many requests in flight for this client";
+/// 429 `tokens`.
+const TOKENS_SPENT: &str = "this client's model-token budget is spent";
+
 impl Refusal {
-    /// The status code this refusal is answered with, its reason phrase,
-    /// and the fixed reason text sent as the body and logged: one row per
-    /// variant.
-    fn answer(self) -> (u16, &'static str, &'static str, &'static str) {
+    /// The status code this refusal is answered with, its `keyhole-error`
+    /// code, and the fixed reason text sent as the body and logged: one row
+    /// per variant.
+    fn answer(self) -> (u16, &'static str, &'static str) {
         match self {
-            Refusal::BadRequest(why) => (400, "bad-request", "Bad Request", why),
-            Refusal::Unauthorized => (
-                401,
-                "client-key",
-                "Unauthorized",
-                "missing or wrong client key",
-            ),
-            Refusal::Browser => (403, "browser", "Forbidden", "browser requests are refused"),
-            Refusal::ForeignHost => (403, "host", "Forbidden", "Host is not a local name"),
-            Refusal::NotAllowed => (
-                403,
-                "not-allowed",
-                "Forbidden",
-                "this method and path are not on the route's allowlist",
-            ),
-            Refusal::NotFound => (404, "no-route", "Not Found", "no route matches this path"),
-            Refusal::MethodNotAllowed => {
-                (405, "method", "Method Not Allowed", "TRACE is not allowed")
-            }
-            Refusal::RequestTimeout => (
-                408,
-                "request-timeout",
-                "Request Timeout",
-                "request not received in time",
-            ),
-            Refusal::PayloadTooLarge => (
-                413,
-                "body-too-large",
-                "Content Too Large",
-                "request body over the configured limit",
-            ),
-            Refusal::ExpectationFailed => (
-                417,
-                "expectation",
-                "Expectation Failed",
-                "only Expect: 100-continue is supported",
-            ),
-            Refusal::HeadTooLarge => (
-                431,
-                "head-too-large",
-                "Request Header Fields Too Large",
-                "request head too large",
-            ),
-            Refusal::Limited(limit, _) => {
-                let (code, why) = match limit {
-                    Limit::Concurrency => {
-                        ("concurrency", "too many requests in flight for this client")
-                    }
-                    Limit::Rate => ("rate", "this client's request rate is spent"),
-                    Limit::Tokens => ("tokens", "this client's model-token budget is spent"),
-                };
-                (429, code, "Too Many Requests", why)
-            }
-            Refusal::BadGateway(why) => (502, "upstream-malformed", "Bad Gateway", why),
-            Refusal::Unreachable(why) => (502, "upstream-unreachable", "Bad Gateway", why),
-            Refusal::UpstreamTls => (
-                502,
-                "upstream-tls",
-                "Bad Gateway",
-                "upstream TLS handshake failed",
-            ),
-            Refusal::EgressRefused(why) => (502, "egress-refused", "Bad Gateway", why),
-            Refusal::Unavailable => (
-                503,
-                "overloaded",
-                "Service Unavailable",
-                "too many connections",
-            ),
-            Refusal::GatewayTimeout(why) => (504, "upstream-timeout", "Gateway Timeout", why),
-            Refusal::VersionNotSupported => (
-                505,
-                "version",
-                "HTTP Version Not Supported",
-                "only HTTP/1.1 is supported",
-            ),
+            Self::BadRequest(why) => (400, "bad-request", why),
+            Self::Unauthorized => (401, "client-key", "missing or wrong client key"),
+            Self::Browser => (403, "browser", "browser requests are refused"),
+            Self::ForeignHost => (403, "host", "Host is not a local name"),
+            Self::NotAllowed => (403, "not-allowed", NOT_ALLOWED),
+            Self::NotFound => (404, "no-route", "no route matches this path"),
+            Self::MethodNotAllowed => (405, "method", "TRACE is not allowed"),
+            Self::RequestTimeout => (408, "request-timeout", "request not received in time"),
+            Self::PayloadTooLarge => (413, "body-too-large", BODY_TOO_LARGE),
+            Self::ExpectationFailed => (417, "expectation", EXPECTATION),
+            Self::HeadTooLarge => (431, "head-too-large", "request head too large"),
+            Self::Limited(Limit::Concurrency, _) => (429, "concurrency", IN_FLIGHT),
+            Self::Limited(Limit::Rate, _) => (429, "rate", "this client's request rate is spent"),
+            Self::Limited(Limit::Tokens, _) => (429, "tokens", TOKENS_SPENT),
+            Self::BadGateway(why) => (502, "upstream-malformed", why),
+            Self::Unreachable(why) => (502, "upstream-unreachable", why),
+            Self::UpstreamTls => (502, "upstream-tls", "upstream TLS handshake failed"),
+            Self::EgressRefused(why) => (502, "egress-refused", why),
+            Self::Unavailable => (503, "overloaded", "too many connections"),
+            Self::GatewayTimeout(why) => (504, "upstream-timeout", why),
+            Self::VersionNotSupported => (505, "version", "only HTTP/1.1 is supported"),
         }
     }
 
@@ -153,7 +111,7 @@ impl Refusal {
 
     /// The fixed reason text sent as the body and logged.
     pub(crate) fn reason(self) -> &'static str {
-        self.answer().3
+        self.answer().2
     }
 
     /// The `keyhole-error` code (README "Responses keyhole makes itself").
@@ -163,16 +121,37 @@ impl Refusal {
 
     /// The whole response: status line, fixed headers, the reason as body.
     pub(crate) fn response(self) -> Vec<u8> {
-        let (status, code, phrase, body) = self.answer();
+        let (status, code, body) = self.answer();
         let retry = match self {
             Refusal::Limited(_, seconds) => format!("retry-after: {seconds}\r\n"),
             _ => String::new(),
         };
         format!(
-            "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\nkeyhole-error: {code}\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n{body}\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\nkeyhole-error: {code}\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n{body}\n",
+            phrase(status),
             body.len() + 1,
         )
         .into_bytes()
+    }
+}
+
+/// The reason phrase of each status `Refusal::answer` gives (RFC 9110 §15).
+fn phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        417 => "Expectation Failed",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "HTTP Version Not Supported",
     }
 }
 
@@ -236,44 +215,44 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::UnsetVariable(var) => write!(f, "environment variable {var} is not set"),
-            Error::VariableHasControlByte(var) => write!(
+            Self::UnsetVariable(var) => write!(f, "environment variable {var} is not set"),
+            Self::VariableHasControlByte(var) => write!(
                 f,
                 "environment variable {var} contains a control byte (CR, LF, NUL, ...)"
             ),
-            Error::BadTemplate => f.write_str("unterminated or empty ${...} in a header value"),
-            Error::BadHeaderName(name) => write!(f, "header name {name:?} is not an HTTP token"),
-            Error::BadHeaderValue(name) => {
+            Self::BadTemplate => f.write_str("unterminated or empty ${...} in a header value"),
+            Self::BadHeaderName(name) => write!(f, "header name {name:?} is not an HTTP token"),
+            Self::BadHeaderValue(name) => {
                 write!(f, "value of header {name:?} contains a control byte")
             }
-            Error::BadPrefix(prefix, why) => write!(f, "route prefix {prefix:?}: {why}"),
-            Error::BadUrl(url, why) => write!(f, "route URL {url:?}: {why}"),
-            Error::EmptyValue(name) => write!(f, "value of {name:?} is empty"),
-            Error::DuplicateHeader(prefix, name) => {
+            Self::BadPrefix(prefix, why) => write!(f, "route prefix {prefix:?}: {why}"),
+            Self::BadUrl(url, why) => write!(f, "route URL {url:?}: {why}"),
+            Self::EmptyValue(name) => write!(f, "value of {name:?} is empty"),
+            Self::DuplicateHeader(prefix, name) => {
                 write!(f, "route {prefix:?} injects header {name:?} twice")
             }
-            Error::BadLimit(field, why) => write!(f, "limit {field}: {why}"),
-            Error::DuplicatePrefix(prefix) => write!(f, "route prefix {prefix:?} given twice"),
-            Error::NoRoutes => f.write_str("no route configured (add one with Builder::route)"),
-            Error::BadCertificate(why) => write!(f, "extra CA certificates: {why}"),
-            Error::Bind(addr, err) => write!(f, "cannot listen on {addr}: {err}"),
-            Error::BadClientName => {
+            Self::BadLimit(field, why) => write!(f, "limit {field}: {why}"),
+            Self::DuplicatePrefix(prefix) => write!(f, "route prefix {prefix:?} given twice"),
+            Self::NoRoutes => f.write_str("no route configured (add one with Builder::route)"),
+            Self::BadCertificate(why) => write!(f, "extra CA certificates: {why}"),
+            Self::Bind(addr, err) => write!(f, "cannot listen on {addr}: {err}"),
+            Self::BadClientName => {
                 f.write_str("a client name must be 1 to 64 bytes of A-Z a-z 0-9 . _ -")
             }
-            Error::DuplicateClient(name) => write!(f, "client {name:?} is registered twice"),
-            Error::DuplicateClientKey(name) => {
+            Self::DuplicateClient(name) => write!(f, "client {name:?} is registered twice"),
+            Self::DuplicateClientKey(name) => {
                 write!(f, "client {name:?} has the key of another client")
             }
-            Error::BadAllow(entry, why) => write!(f, "allowlist entry {entry:?}: {why}"),
-            Error::Random => f.write_str("the operating system's random generator failed"),
-            Error::SecretFile(path, why) => write!(f, "secret file {path}: {why}"),
-            Error::UnknownRoute(prefix) => write!(f, "no route has the prefix {prefix:?}"),
-            Error::ClientsFile(path, 0, why) => write!(f, "clients file {path}: {why}"),
-            Error::ClientsFile(path, line, why) => {
+            Self::BadAllow(entry, why) => write!(f, "allowlist entry {entry:?}: {why}"),
+            Self::Random => f.write_str("the operating system's random generator failed"),
+            Self::SecretFile(path, why) => write!(f, "secret file {path}: {why}"),
+            Self::UnknownRoute(prefix) => write!(f, "no route has the prefix {prefix:?}"),
+            Self::ClientsFile(path, 0, why) => write!(f, "clients file {path}: {why}"),
+            Self::ClientsFile(path, line, why) => {
                 write!(f, "clients file {path}, line {line}: {why}")
             }
-            Error::BadEgressProxy(why) => write!(f, "egress proxy URL: {why}"),
-            Error::BadNoProxy(e) => write!(f, "NO_PROXY entry {e:?}: not *, a name or an IP"),
+            Self::BadEgressProxy(why) => write!(f, "egress proxy URL: {why}"),
+            Self::BadNoProxy(e) => write!(f, "NO_PROXY entry {e:?}: not *, a name or an IP"),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -39,7 +39,6 @@ pub struct Proxy;
 
 impl Proxy {
     /// A builder with no routes, listening on `127.0.0.1:0`, default limits.
-    #[must_use]
     pub fn builder() -> Builder {
         Builder {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -59,8 +58,10 @@ impl Proxy {
 
 /// Configures and starts a proxy. Everything is validated by `start`.
 /// Cloning gives the same configuration for another proxy (a runner that
-/// starts one per sandbox).
-#[derive(Debug)]
+/// starts one per sandbox); a listener given with `Builder::listener` is
+/// shared, so each of them would accept on it.
+#[derive(Debug, Clone)]
+#[must_use]
 pub struct Builder {
     listen: SocketAddr,
     routes: Vec<Route>,
@@ -69,7 +70,7 @@ pub struct Builder {
     require_client_key: bool,
     client_limits: ClientLimits,
     /// A socket the caller bound (see `Builder::listener`).
-    listener: Option<std::net::TcpListener>,
+    listener: Option<Arc<std::net::TcpListener>>,
     allowed_hosts: Vec<String>,
     ca_pems: Vec<Vec<u8>>,
     /// The egress proxy's URL (a `Secret`: it may hold a password) and
@@ -78,36 +79,14 @@ pub struct Builder {
     limits: Limits,
 }
 
-impl Clone for Builder {
-    /// The same configuration; a listener given with `Builder::listener` is
-    /// shared (`try_clone`), so both proxies would accept on it.
-    fn clone(&self) -> Builder {
-        Builder {
-            listen: self.listen,
-            routes: self.routes.clone(),
-            clients: self.clients.clone(),
-            clients_file: self.clients_file.clone(),
-            require_client_key: self.require_client_key,
-            client_limits: self.client_limits,
-            listener: (self.listener.as_ref()).and_then(|l| l.try_clone().ok()),
-            allowed_hosts: self.allowed_hosts.clone(),
-            ca_pems: self.ca_pems.clone(),
-            egress_proxy: self.egress_proxy.clone(),
-            limits: self.limits.clone(),
-        }
-    }
-}
-
 impl Builder {
     /// The address to bind; port 0 picks a free one (see `ProxyHandle::local_addr`).
-    #[must_use]
     pub fn listen(mut self, addr: SocketAddr) -> Builder {
         self.listen = addr;
         self
     }
 
     /// Adds a route; the longest matching prefix wins.
-    #[must_use]
     pub fn route(mut self, route: Route) -> Builder {
         self.routes.push(route);
         self
@@ -115,7 +94,6 @@ impl Builder {
 
     /// Requires every request to carry this key as `x-api-key` or
     /// `authorization: Bearer` (else 401): the client named `default`.
-    #[must_use]
     pub fn client_key(self, key: Secret) -> Builder {
         self.client("default", key)
     }
@@ -124,7 +102,6 @@ impl Builder {
     /// request must carry a registered key (else 401), and its log line
     /// names the client. Names are 1–64 bytes of `A-Z a-z 0-9 . _ -`;
     /// names and keys are unique (checked by `start`).
-    #[must_use]
     pub fn client(mut self, name: &str, key: Secret) -> Builder {
         self.clients.push((name.to_owned(), key));
         self
@@ -133,7 +110,6 @@ impl Builder {
     /// The spend limits of every client registered without limits of its
     /// own (`ProxyHandle::add_client_with` gives one its own). While client
     /// keys are not required, all requests share one budget under them.
-    #[must_use]
     pub fn client_limits(mut self, limits: ClientLimits) -> Builder {
         self.client_limits = limits;
         self
@@ -142,7 +118,6 @@ impl Builder {
     /// Registers the clients listed in a file (`NAME KEY` per line; empty
     /// lines and `#` comments skipped), read at start and again by
     /// `ProxyHandle::reload`, which revokes clients no longer listed.
-    #[must_use]
     pub fn clients_file(mut self, path: &str) -> Builder {
         self.clients_file = Some(path.to_owned());
         self
@@ -150,7 +125,6 @@ impl Builder {
 
     /// Requires a client key even while none is registered: every request
     /// is 401 until `ProxyHandle::add_client` registers one.
-    #[must_use]
     pub fn require_client_key(mut self) -> Builder {
         self.require_client_key = true;
         self
@@ -158,15 +132,13 @@ impl Builder {
 
     /// Serves on a socket the caller bound (inside a network namespace, or
     /// passed by systemd) instead of binding `listen`.
-    #[must_use]
     pub fn listener(mut self, listener: std::net::TcpListener) -> Builder {
-        self.listener = Some(listener);
+        self.listener = Some(Arc::new(listener));
         self
     }
 
     /// Accepts this name in the client's `Host` header, besides IP literals,
     /// `localhost` and `host.docker.internal`.
-    #[must_use]
     pub fn allow_host(mut self, name: &str) -> Builder {
         self.allowed_hosts.push(name.to_owned());
         self
@@ -174,7 +146,6 @@ impl Builder {
 
     /// Trusts the certificates in this PEM text as upstream roots, on top of
     /// the built-in webpki roots.
-    #[must_use]
     pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Builder {
         self.ca_pems.push(pem.into());
         self
@@ -187,14 +158,12 @@ impl Builder {
     /// subdomains) and IP literals, any `:port` ignored. Checked by `start`,
     /// whose errors never show the URL. The library reads no environment: a
     /// program that honours `HTTPS_PROXY` and `NO_PROXY` passes them here.
-    #[must_use]
     pub fn egress_proxy(mut self, url: &str, no_proxy: &str) -> Builder {
         self.egress_proxy = Some((Secret::new(url), no_proxy.to_owned()));
         self
     }
 
     /// Replaces the limits and timeouts.
-    #[must_use]
     pub fn limits(mut self, limits: Limits) -> Builder {
         self.limits = limits;
         self
@@ -212,6 +181,7 @@ impl Builder {
             if self.routes[..i].iter().any(|r| r.prefix == route.prefix) {
                 return Err(Error::DuplicatePrefix(route.prefix.clone()));
             }
+            (route.headers.iter()).for_each(|(_, v)| v.warn_if_world_readable());
         }
         let required =
             self.require_client_key || !self.clients.is_empty() || self.clients_file.is_some();
@@ -220,12 +190,6 @@ impl Builder {
         for (name, key) in &self.clients {
             clients.add(name, key, None)?;
             key.warn_if_world_readable();
-        }
-        for route in &self.routes {
-            route
-                .headers
-                .iter()
-                .for_each(|(_, v)| v.warn_if_world_readable());
         }
         if let Some(path) = &self.clients_file {
             clients.replace_file_clients(crate::clients::read_clients_file(path)?)?;
@@ -244,9 +208,9 @@ impl Builder {
             .collect::<Result<_, _>>()?;
         let bind = |err| Error::Bind(self.listen, err);
         let listener = match self.listener {
-            Some(listener) => listener
-                .set_nonblocking(true)
-                .and_then(|()| TcpListener::from_std(listener))
+            // A descriptor of its own, as the builder may have been cloned.
+            Some(shared) => (shared.set_nonblocking(true))
+                .and_then(|()| TcpListener::from_std(shared.try_clone()?))
                 .map_err(bind)?,
             None => TcpListener::bind(self.listen).await.map_err(bind)?,
         };
@@ -261,28 +225,24 @@ impl Builder {
         // keyhole's tasks carry the caller's span (a runner's
         // `info_span!("sandbox", id = …)` then labels keyhole's events).
         let span = tracing::Span::current();
-        let accept = tokio::spawn(
-            accept_loop(listener, shared.clone(), phase_rx.clone(), permits.clone())
-                .instrument(span.clone()),
-        );
+        let accept = accept_loop(listener, shared.clone(), phase_rx.clone(), permits.clone());
+        let accept = tokio::spawn(accept.instrument(span.clone()));
         let pool = shared.clone();
-        tokio::spawn(
-            async move {
-                let max_age = pool.limits.pool_idle_timeout;
-                tokio::select! {
-                    () = upstream::reap(&pool.upstreams, wakeup, max_age) => {}
-                    () = conn::reached(phase_rx, Phase::Closing) => {}
-                }
+        let reaper = async move {
+            let max_age = pool.limits.pool_idle_timeout;
+            tokio::select! {
+                () = upstream::reap(&pool.upstreams, wakeup, max_age) => {}
+                () = conn::reached(phase_rx, Phase::Closing) => {}
             }
-            .instrument(span),
-        );
+        };
+        tokio::spawn(reaper.instrument(span));
         Ok(ProxyHandle {
             local_addr,
             clients_file: self.clients_file,
             phase: phase_tx,
             permits,
             shared,
-            accept: Some(accept),
+            accept,
         })
     }
 }
@@ -295,7 +255,8 @@ pub struct ProxyHandle {
     phase: watch::Sender<Phase>,
     permits: Arc<Semaphore>,
     shared: Arc<Shared>,
-    accept: Option<JoinHandle<()>>,
+    /// The accept loop; aborting it once it ended does nothing.
+    accept: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for ProxyHandle {
@@ -364,9 +325,8 @@ impl ProxyHandle {
     /// the file are revoked; on failure nothing changes and the error names
     /// the file.
     pub fn reload(&self) -> Result<(), Error> {
-        let clients = (self.clients_file.as_deref())
-            .map(crate::clients::read_clients_file)
-            .transpose()?;
+        let file = self.clients_file.as_deref();
+        let clients = file.map(crate::clients::read_clients_file).transpose()?;
         self.shared.table.reload(clients)?;
         tracing::info!("reloaded");
         Ok(())
@@ -378,9 +338,7 @@ impl ProxyHandle {
     pub async fn shutdown(mut self) {
         let drain = self.shared.limits.drain_timeout;
         self.phase.send_replace(Phase::Draining);
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.await;
-        }
+        let _ = (&mut self.accept).await;
         // At most a million (`Limits::validate`), so this fits.
         let all = u32::try_from(self.shared.limits.max_connections).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(drain, self.permits.acquire_many(all)).await;
@@ -398,9 +356,7 @@ impl ProxyHandle {
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
         self.phase.send_replace(Phase::Closing);
-        if let Some(accept) = self.accept.take() {
-            accept.abort();
-        }
+        self.accept.abort();
     }
 }
 
@@ -421,11 +377,7 @@ async fn accept_loop(
             _ = phase.wait_for(|p| *p != Phase::Running) => return,
         };
         let stream = match accepted {
-            Ok((stream, _)) => {
-                // Response heads and SSE events are small writes that must leave at once.
-                let _ = stream.set_nodelay(true);
-                stream
-            }
+            Ok((stream, _)) => stream,
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %err, "accept failed");
@@ -433,19 +385,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Response heads and SSE events are small writes that must leave at once.
+        let _ = stream.set_nodelay(true);
         if let Ok(permit) = permits.clone().try_acquire_owned() {
-            let shared = shared.clone();
-            let phase = phase.clone();
-            let serve = async move {
-                conn::serve(stream, shared, phase).await;
-                drop(permit);
-            };
-            tokio::spawn(serve.in_current_span());
+            let serve = conn::serve(stream, shared.clone(), phase.clone());
+            tokio::spawn(holding(permit, serve).in_current_span());
         } else if let Ok(permit) = turn_away_permits.clone().try_acquire_owned() {
-            tokio::spawn(async move {
-                turn_away(stream).await;
-                drop(permit);
-            });
+            tokio::spawn(holding(permit, turn_away(stream)));
         }
         // Beyond both limits the connection is closed at once, unanswered:
         // a flood must not grow the number of tasks.
@@ -456,6 +402,11 @@ async fn accept_loop(
 /// `TURN_AWAY_TIME`.
 const TURN_AWAY_PERMITS: usize = 64;
 const TURN_AWAY_TIME: Duration = Duration::from_secs(1);
+
+/// Runs a connection's task, holding its permit until the task ends.
+async fn holding(_permit: OwnedSemaphorePermit, task: impl std::future::Future<Output = ()>) {
+    task.await;
+}
 
 /// Over the connection limit: a clear 503 rather than a silent queue.
 async fn turn_away(mut stream: TcpStream) {
