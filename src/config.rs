@@ -337,6 +337,14 @@ pub(crate) struct UpstreamUrl {
     pub(crate) path: String,
 }
 
+impl fmt::Display for UpstreamUrl {
+    /// The URL as configured, less a trailing `/`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.path)
+    }
+}
+
 impl UpstreamUrl {
     pub(crate) fn parse(url: &str) -> Result<UpstreamUrl, Error> {
         let bad = |why| Error::BadUrl(url.to_owned(), why);

@@ -37,7 +37,7 @@ With no --route and ANTHROPIC_API_KEY set:
 /// `run` completes it with.
 struct Cli {
     builder: Builder,
-    routes: Vec<CliRoute>,
+    routes: Vec<Route>,
     ca_files: Vec<String>,
     /// `--egress-proxy`: a URL or `none`.
     egress_proxy: Option<String>,
@@ -48,52 +48,24 @@ struct Cli {
     log_json: bool,
 }
 
-/// A route, with what its start-up line shows: the prefix and URL, and the
-/// names of the headers it injects (never their values).
-struct CliRoute {
-    route: Route,
-    prefix: String,
-    url: String,
-    names: Vec<String>,
+/// `--route PREFIX=URL`.
+fn route(arg: &str) -> Result<Route, String> {
+    let (prefix, url) =
+        (arg.split_once('=')).ok_or_else(|| format!("--route {arg}: expected PREFIX=URL"))?;
+    Route::new(prefix, url).map_err(|e| e.to_string())
 }
 
-impl CliRoute {
-    /// `--route PREFIX=URL`.
-    fn new(arg: &str) -> Result<CliRoute, String> {
-        let (prefix, url) = arg
-            .split_once('=')
-            .ok_or_else(|| format!("--route {arg}: expected PREFIX=URL"))?;
-        // The prefix as the library keeps it, and the request lines show it.
-        let trimmed = prefix.trim_end_matches('/');
-        Ok(CliRoute {
-            route: Route::new(prefix, url).map_err(|e| e.to_string())?,
-            prefix: if trimmed.is_empty() { "/" } else { trimmed }.to_owned(),
-            url: url.to_owned(),
-            names: Vec::new(),
-        })
-    }
+/// `--header NAME=VALUE` on `route` (a NAME given twice is refused at start).
+fn header(route: Route, arg: &str) -> Result<Route, String> {
+    let (name, template) = arg.split_once('=').ok_or("--header: expected NAME=VALUE")?;
+    Ok(route.header(name, secret(&format!("--header {name}"), template)?))
+}
 
-    /// `--header NAME=VALUE`; a NAME this route already injects (compared
-    /// case-insensitively) is refused.
-    fn header(mut self, arg: &str) -> Result<CliRoute, String> {
-        let (name, template) = arg.split_once('=').ok_or("--header: expected NAME=VALUE")?;
-        let what = format!("--header {name}");
-        let lower = name.to_ascii_lowercase();
-        if self.names.contains(&lower) {
-            return Err(format!("{what}: given twice for route {}", self.prefix));
-        }
-        self.route = self.route.header(name, secret(&what, template)?);
-        self.names.push(lower);
-        Ok(self)
-    }
-
-    /// `--allow 'METHOD PATTERN'`.
-    fn allow(mut self, arg: &str) -> Result<CliRoute, String> {
-        let (method, pattern) = (arg.split_once(' '))
-            .ok_or_else(|| format!("--allow {arg:?}: expected 'METHOD PATTERN'"))?;
-        self.route = self.route.allow(method, pattern.trim_start());
-        Ok(self)
-    }
+/// `--allow 'METHOD PATTERN'` on `route`.
+fn allow(route: Route, arg: &str) -> Result<Route, String> {
+    let (method, pattern) = (arg.split_once(' '))
+        .ok_or_else(|| format!("--allow {arg:?}: expected 'METHOD PATTERN'"))?;
+    Ok(route.allow(method, pattern.trim_start()))
 }
 
 fn main() -> ExitCode {
@@ -352,10 +324,8 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 
 async fn run(cli: Cli) -> ExitCode {
     let mut builder = cli.builder.limits(cli.limits).client_limits(cli.budgets);
-    let mut shown = Vec::with_capacity(cli.routes.len());
-    for r in cli.routes {
-        builder = builder.route(r.route);
-        shown.push((r.prefix, r.url, r.names.join(",")));
+    for route in cli.routes {
+        builder = builder.route(route);
     }
     for path in &cli.ca_files {
         match std::fs::read(path) {
@@ -393,13 +363,6 @@ async fn run(cli: Cli) -> ExitCode {
         Ok(signals) => signals,
         Err(err) => return fail(format!("cannot install signal handlers: {err}"), 1),
     };
-    for (prefix, url, names) in &shown {
-        if names.is_empty() {
-            tracing::warn!(prefix = %prefix, upstream = %url, "route injects no header");
-        } else {
-            tracing::info!(prefix = %prefix, upstream = %url, headers = %names, "route");
-        }
-    }
     let listen = proxy.local_addr();
     if listen.ip().is_unspecified() {
         tracing::warn!(%listen, "listening on every network interface: anyone there can use the keys");
@@ -454,14 +417,14 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
                 let addr = parsed(flag, &value()?, "an IP:PORT address")?;
                 cli.builder = cli.builder.listen(addr);
             }
-            "--route" => cli.routes.push(CliRoute::new(&value()?)?),
+            "--route" => cli.routes.push(route(&value()?)?),
             "--header" => {
                 let route = cli.routes.pop().ok_or("--header must follow a --route")?;
-                cli.routes.push(route.header(&value()?)?);
+                cli.routes.push(header(route, &value()?)?);
             }
             "--allow" => {
                 let route = cli.routes.pop().ok_or("--allow must follow a --route")?;
-                cli.routes.push(route.allow(&value()?)?);
+                cli.routes.push(allow(route, &value()?)?);
             }
             "--client-key" => cli.builder = cli.builder.client_key(secret(flag, &value()?)?),
             "--client" => {
@@ -499,9 +462,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Cli>, Str
                 "no route given and ANTHROPIC_API_KEY is not set\n{USAGE}"
             ));
         }
-        let route = CliRoute::new("/=https://api.anthropic.com")?;
+        let default = route("/=https://api.anthropic.com")?;
         cli.routes
-            .push(route.header("x-api-key=${ANTHROPIC_API_KEY}")?);
+            .push(header(default, "x-api-key=${ANTHROPIC_API_KEY}")?);
     }
     Ok(Some(cli))
 }

@@ -182,6 +182,15 @@ impl Builder {
                 return Err(Error::DuplicatePrefix(route.prefix.clone()));
             }
             (route.headers.iter()).for_each(|(_, v)| v.warn_if_world_readable());
+            // One line per route: its prefix, upstream and the names it
+            // injects, never a value.
+            let names: Vec<&str> = route.headers.iter().map(|(n, _)| n.as_str()).collect();
+            let (prefix, upstream) = (&route.prefix, &route.upstream);
+            if names.is_empty() {
+                tracing::warn!(%prefix, %upstream, "route injects no header");
+            } else {
+                tracing::info!(%prefix, %upstream, headers = names.join(","), "route");
+            }
         }
         let required =
             self.require_client_key || !self.clients.is_empty() || self.clients_file.is_some();
