@@ -851,17 +851,17 @@ pub fn usage_scan(data: &[u8], splits: &[usize]) {
     let bytes: Vec<&[u8]> = body.chunks(1).collect();
     assert_eq!(scan(&bytes), whole, "byte by byte");
 
-    let [input, output, creation, read, prompt, completion] = whole.fields;
+    let [input, output, creation, read, prompt, completion] = whole.counts;
     let sum = |a: u64, b: u64| a.saturating_add(b);
     assert_eq!(
-        whole.tokens_in,
+        whole.tokens_in(),
         sum(sum(input, creation), sum(read, prompt))
     );
-    assert_eq!(whole.tokens_out, sum(output, completion));
-    assert_eq!(whole.seen, whole.fields != [0; 6]);
+    assert_eq!(whole.tokens_out(), sum(output, completion));
+    assert_eq!(whole.seen(), whole.counts != [0; 6]);
     if first & 1 == 0 {
         if let Some(want) = reference_usage(body) {
-            assert_eq!(whole.fields, want, "the reference parser reads otherwise");
+            assert_eq!(whole.counts, want, "the reference parser reads otherwise");
         }
     }
 }
