@@ -58,12 +58,14 @@ pub(crate) fn body_kind(content_type: &[u8]) -> Option<BodyKind> {
 /// then `message_delta`), 0 when never seen. Public only for the fuzzing
 /// seam (`fuzzing::TokenCounts`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(not(feature = "fuzzing"), allow(unreachable_pub))]
 pub struct Usage {
     /// `input_tokens`, `output_tokens`, `cache_creation_input_tokens`,
     /// `cache_read_input_tokens`, `prompt_tokens`, `completion_tokens`.
     pub counts: [u64; 6],
 }
 
+#[cfg_attr(not(feature = "fuzzing"), allow(unreachable_pub))]
 impl Usage {
     /// Input + cache creation + cache read + prompt tokens, saturating.
     #[must_use]
