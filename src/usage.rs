@@ -22,15 +22,15 @@ const MAX_DEPTH: u32 = u64::BITS;
 /// Longest member name kept: the longest field (`cache_creation_input_tokens`,
 /// 27 bytes) fits; a longer name matches none.
 const MAX_KEY: usize = 32;
-/// The fields counted, in the order of `Usage::counts` (Anthropic's, then
-/// `OpenAI`'s), and whether each is charged as input (`true`) or output.
-const FIELDS: [(&[u8], bool); 6] = [
-    (b"input_tokens", true),
-    (b"output_tokens", false),
-    (b"cache_creation_input_tokens", true),
-    (b"cache_read_input_tokens", true),
-    (b"prompt_tokens", true),
-    (b"completion_tokens", false),
+/// The fields counted, in the order of `Usage::counts`: Anthropic's, then
+/// `OpenAI`'s.
+const FIELDS: [&[u8]; 6] = [
+    b"input_tokens",
+    b"output_tokens",
+    b"cache_creation_input_tokens",
+    b"cache_read_input_tokens",
+    b"prompt_tokens",
+    b"completion_tokens",
 ];
 
 /// What kind of body, from the response's content-type.
@@ -70,13 +70,18 @@ impl Usage {
     /// Input + cache creation + cache read + prompt tokens, saturating.
     #[must_use]
     pub fn tokens_in(&self) -> u64 {
-        self.total(true)
+        let [input, _, creation, read, prompt, _] = self.counts;
+        input
+            .saturating_add(creation)
+            .saturating_add(read)
+            .saturating_add(prompt)
     }
 
     /// Output + completion tokens, saturating.
     #[must_use]
     pub fn tokens_out(&self) -> u64 {
-        self.total(false)
+        let [_, output, .., completion] = self.counts;
+        output.saturating_add(completion)
     }
 
     /// Whether any field was seen with a count: a usage of zeros charges
@@ -84,13 +89,6 @@ impl Usage {
     #[must_use]
     pub fn seen(&self) -> bool {
         *self != Usage::default()
-    }
-
-    /// The saturating sum of the input (`true`) or the output counts.
-    fn total(&self, input: bool) -> u64 {
-        let counts = FIELDS.iter().zip(self.counts);
-        let charged = counts.filter(|((_, is_input), _)| *is_input == input);
-        charged.fold(0, |sum, (_, count)| sum.saturating_add(count))
     }
 }
 
@@ -112,11 +110,10 @@ pub(crate) struct UsageScan {
 /// and with one only a first line of `data` would be missed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Line {
-    /// In the field name, after this many bytes of `data`; `Name(0)` is the
-    /// start of the line.
+    /// In the field name, after this many bytes of `data:`: `Name(0)` is the
+    /// start of the line, `Name(5)` just after `data:`, where one space is
+    /// not part of the value.
     Name(u8),
-    /// Just after `data:`, where one space is not part of the value.
-    Space,
     /// In a `data` value, which goes to the JSON tokenizer.
     Data,
     /// In a comment or a field other than `data`, ignored.
@@ -147,25 +144,23 @@ impl UsageScan {
             line = match line {
                 // A line ends with CRLF, LF or CR (WHATWG HTML §9.2.5).
                 _ if b == b'\n' && after_cr => continue,
+                // An empty line ends the event: the next data is a new JSON text.
+                Line::Name(0) if b == b'\r' || b == b'\n' => {
+                    self.json = Json::default();
+                    Line::Name(0)
+                }
+                // One event's data lines are joined with LF (§9.2.6), JSON whitespace
+                // (`data` without a colon is an empty one). Other lines end with one
+                // too: it only ever follows another, or starts the text, where a
+                // second changes nothing.
                 _ if b == b'\r' || b == b'\n' => {
-                    match line {
-                        // An empty line ends the event: the next data is a new JSON text.
-                        Line::Name(0) => self.json = Json::default(),
-                        // One event's data lines are joined with LF (§9.2.6), JSON
-                        // whitespace; `data` without a colon is an empty one.
-                        Line::Name(4) | Line::Space | Line::Data => {
-                            self.json.feed(b"\n", &mut self.usage);
-                        }
-                        Line::Name(_) | Line::Skip => {}
-                    }
+                    self.json.feed(b"\n", &mut self.usage);
                     Line::Name(0)
                 }
                 // Only `data` counts; a line starting with `:` is a comment (§9.2.6).
-                Line::Name(4) if b == b':' => Line::Space,
-                Line::Name(n) if b"data".get(usize::from(n)) == Some(&b) => Line::Name(n + 1),
-                Line::Name(_) => Line::Skip,
-                Line::Space if b == b' ' => Line::Data,
-                Line::Space | Line::Data | Line::Skip => {
+                Line::Name(n) if b"data:".get(usize::from(n)) == Some(&b) => Line::Name(n + 1),
+                Line::Name(5) if b == b' ' => Line::Data,
+                Line::Name(5) | Line::Data | Line::Skip => {
                     // The rest of the line, from `b` (so the run is at least 1), at once.
                     let rest = &payload[i - 1..];
                     let run = rest.iter().position(|&b| b == b'\r' || b == b'\n');
@@ -177,6 +172,7 @@ impl UsageScan {
                     self.json.feed(&rest[..run], &mut self.usage);
                     Line::Data
                 }
+                Line::Name(_) => Line::Skip,
             };
         }
         self.line = Some(line);
@@ -237,7 +233,8 @@ struct Json {
     usages: u64,
     /// The first bytes of the last string, which a `:` makes a member name.
     key: [u8; MAX_KEY],
-    /// How many of `key` are used; over `MAX_KEY` when the name cannot match.
+    /// The length of the last string; over `MAX_KEY` (so not all in `key`)
+    /// when the name cannot match.
     key_len: usize,
     /// Set by a `:`, taken by the value after it; `Other` once a number
     /// cannot be a count.
@@ -253,6 +250,7 @@ impl Json {
         while let Some(&b) = bytes.get(i) {
             i += 1;
             let blank = matches!(b, b' ' | b'\t' | b'\n' | b'\r'); // §2
+            let scalar = b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-');
             match self.state {
                 // String content is skipped in one run up to `"` or `\`.
                 State::Str => {
@@ -275,9 +273,7 @@ impl Json {
                     self.number = self.number.saturating_mul(10).saturating_add(digit);
                 }
                 // A sign, fraction, exponent or letter: not a count.
-                State::Scalar if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-') => {
-                    self.member = Member::Other;
-                }
+                State::Scalar if scalar => self.member = Member::Other,
                 State::Scalar => {
                     if let Member::Count(field) = std::mem::take(&mut self.member) {
                         usage.counts[field] = usage.counts[field].max(self.number);
@@ -346,21 +342,19 @@ impl Json {
         }
     }
 
-    /// Keeps the next bytes of a string, or marks it too long to be a name.
+    /// Keeps the next bytes of a string while they fit.
     fn push_key(&mut self, bytes: &[u8]) {
-        let end = self.key_len.saturating_add(bytes.len());
-        if let Some(room) = self.key.get_mut(self.key_len..end) {
+        let start = self.key_len;
+        self.key_len = start.saturating_add(bytes.len());
+        if let Some(room) = self.key.get_mut(start..self.key_len) {
             room.copy_from_slice(bytes);
-            self.key_len = end;
-        } else {
-            self.key_len = MAX_KEY + 1;
         }
     }
 
     /// What the last string means as a member name of the innermost object.
     fn name(&self) -> Member {
         let name = self.key.get(..self.key_len).unwrap_or_default();
-        match FIELDS.iter().position(|&(field, _)| field == name) {
+        match FIELDS.iter().position(|&field| field == name) {
             Some(field) if self.usages & self.bit() != 0 => Member::Count(field),
             _ if name == b"usage" => Member::Usage,
             _ => Member::Other,
