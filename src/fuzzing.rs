@@ -93,10 +93,6 @@ pub struct Forwarded {
     pub head: Vec<u8>,
     /// Upstream host the route points at.
     pub upstream_host: String,
-    /// The client's method.
-    pub method: String,
-    /// The client's target.
-    pub client_target: String,
     /// The body framing.
     pub framing: BodyFraming,
 }
@@ -121,22 +117,9 @@ pub fn forward_request(head_bytes: &[u8]) -> Result<Forwarded, u16> {
         Ok(Forwarded {
             head: fwd.head().to_vec(),
             upstream_host: table.routes()[fwd.route()].upstream.host.clone(),
-            method: req.method.to_owned(),
-            client_target: req.target.to_owned(),
             framing: fwd.framing(),
         })
     })
-}
-
-/// The upstream target keyhole would send for `target` through the fuzz
-/// route table, with the upstream host; the error is the status.
-pub fn route_target(target: &str) -> Result<(String, String), u16> {
-    let bytes = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    let fwd = forward_request(bytes.as_bytes())?;
-    let head = String::from_utf8(fwd.head).map_err(|_| 500u16)?;
-    let line = head.split("\r\n").next().unwrap_or_default();
-    let upstream_target = line.split(' ').nth(1).unwrap_or_default().to_owned();
-    Ok((fwd.upstream_host, upstream_target))
 }
 
 /// A validated upstream response head as keyhole would relay it.

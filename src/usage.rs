@@ -93,7 +93,7 @@ impl Usage {
 }
 
 /// Reads the usage of one response body, fed in the pieces it arrives in.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct UsageScan {
     /// The JSON body, or the current event's `data`.
     json: Json,
@@ -124,10 +124,8 @@ impl UsageScan {
     /// A scanner for a body of `kind`, nothing seen yet.
     pub(crate) fn new(kind: BodyKind) -> UsageScan {
         UsageScan {
-            json: Json::default(),
-            usage: Usage::default(),
             line: (kind == BodyKind::EventStream).then_some(Line::Name(0)),
-            after_cr: false,
+            ..UsageScan::default()
         }
     }
 

@@ -181,7 +181,7 @@ fn seed_names_match_verdicts() {
             fuzzing::relay_response(d, false).is_ok()
         }),
         ("route_rewrite", |d| {
-            std::str::from_utf8(d).is_ok_and(|t| fuzzing::route_target(t).is_ok())
+            std::str::from_utf8(d).is_ok_and(|t| checks::route_target(t).is_ok())
         }),
         ("connect_response", |d| {
             matches!(fuzzing::connect_answer(d), Ok(Some(_)))
