@@ -86,16 +86,15 @@ struct Ledger {
 impl Budget {
     /// A full budget for `name` under `limits`.
     pub(crate) fn new(name: Arc<str>, limits: ClientLimits) -> Budget {
-        let ledger = Ledger {
-            used: Usage::default(),
-            requests: f64::from(limits.max_requests_per_minute.unwrap_or(0)),
-            tokens: limits.max_tokens_per_hour.map_or(0.0, tokens),
-            at: None,
-        };
         Budget {
             name,
             limits,
-            ledger: Mutex::new(ledger),
+            ledger: Mutex::new(Ledger {
+                used: Usage::default(),
+                requests: f64::from(limits.max_requests_per_minute.unwrap_or(0)),
+                tokens: limits.max_tokens_per_hour.map_or(0.0, tokens),
+                at: None,
+            }),
         }
     }
 
@@ -111,10 +110,9 @@ impl Budget {
         let mut ledger = self.ledger();
         ledger.check(&self.limits, Instant::now())?;
         if (self.limits.max_concurrent).is_some_and(|max| ledger.used.in_flight >= max) {
-            // Give back the request the rate bucket took.
-            if self.limits.max_requests_per_minute.is_some() {
-                ledger.requests += 1.0;
-            }
+            // Give back the request the rate bucket took (the level is
+            // only read under a rate limit).
+            ledger.requests += 1.0;
             return Err(Refusal::Limited(Limit::Concurrency, 1));
         }
         ledger.used.in_flight += 1;

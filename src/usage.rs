@@ -10,8 +10,9 @@
 //! depth; for each, the largest value seen is kept. Its state is a few words
 //! whatever the input: a depth counter, two bit stacks for the outermost
 //! `MAX_DEPTH` containers, a short name buffer and a number accumulator.
-//! String content and SSE lines are skipped in runs, every other byte moves
-//! the state one step, so the result is the same however the body is split.
+//! String content and SSE `data` values are read in runs, every other byte
+//! moves the state one step, so the result is the same however the body is
+//! split.
 
 use crate::head::trim;
 
@@ -158,19 +159,16 @@ impl UsageScan {
                 // Only `data` counts; a line starting with `:` is a comment (§9.2.6).
                 Line::Name(n) if b"data:".get(usize::from(n)) == Some(&b) => Line::Name(n + 1),
                 Line::Name(5) if b == b' ' => Line::Data,
-                Line::Name(5) | Line::Data | Line::Skip => {
-                    // The rest of the line, from `b` (so the run is at least 1), at once.
+                Line::Name(5) | Line::Data => {
+                    // The rest of the value, from `b` (so the run is at least 1), at once.
                     let rest = &payload[i - 1..];
                     let run = rest.iter().position(|&b| b == b'\r' || b == b'\n');
                     let run = run.unwrap_or(rest.len());
                     i += run - 1;
-                    if line == Line::Skip {
-                        continue;
-                    }
                     self.json.feed(&rest[..run], &mut self.usage);
                     Line::Data
                 }
-                Line::Name(_) => Line::Skip,
+                Line::Name(_) | Line::Skip => Line::Skip,
             };
         }
         self.line = Some(line);
