@@ -3,8 +3,7 @@
 //! configured, and the counters `ProxyHandle::usage` reports. Budgets live
 //! in this process's memory and start full when it starts.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use crate::error::{Error, Limit, Refusal};
@@ -69,18 +68,16 @@ pub(crate) struct Budget {
     /// The client's name (`-` for the budget shared by unidentified requests).
     pub(crate) name: Arc<str>,
     pub(crate) limits: ClientLimits,
-    in_flight: AtomicU32,
-    requests: AtomicU64,
-    tokens_in: AtomicU64,
-    tokens_out: AtomicU64,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
-    buckets: Mutex<Buckets>,
+    /// One lock for the counters and the buckets, so admission checks and
+    /// updates them at once.
+    ledger: Mutex<Ledger>,
 }
 
-/// Bucket levels as of `at` (both start full).
+/// What a client has used, and its bucket levels as of `at` (both start
+/// full).
 #[derive(Debug)]
-struct Buckets {
+struct Ledger {
+    used: Usage,
     requests: f64,
     tokens: f64,
     at: Option<Instant>,
@@ -92,76 +89,66 @@ impl Budget {
         Budget {
             name,
             limits,
-            in_flight: AtomicU32::new(0),
-            requests: AtomicU64::new(0),
-            tokens_in: AtomicU64::new(0),
-            tokens_out: AtomicU64::new(0),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-            buckets: Mutex::new(Buckets {
+            ledger: Mutex::new(Ledger {
+                used: Usage::default(),
                 requests: f64::from(limits.max_requests_per_minute.unwrap_or(0)),
-                tokens: per_hour(limits.max_tokens_per_hour),
+                tokens: limits.max_tokens_per_hour.map_or(0.0, tokens),
                 at: None,
             }),
         }
+    }
+
+    /// The counters and buckets, locked.
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Admits one request or refuses it at no cost to the client. The
     /// admission holds a concurrency slot until it is dropped, however the
     /// request ends.
     pub(crate) fn admit(self: &Arc<Self>) -> Result<Admission, Refusal> {
-        let limits = &self.limits;
-        if limits.max_requests_per_minute.is_some() || limits.max_tokens_per_hour.is_some() {
-            let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-            buckets.check(limits, Instant::now())?;
-        }
-        let in_flight = self.in_flight.fetch_add(1, Relaxed);
-        let admission = Admission(self.clone());
-        if limits.max_concurrent.is_some_and(|max| in_flight >= max) {
-            drop(admission);
-            self.give_back_request();
+        let mut ledger = self.ledger();
+        ledger.check(&self.limits, Instant::now())?;
+        if (self.limits.max_concurrent).is_some_and(|max| ledger.used.in_flight >= max) {
+            // Give back the request the rate bucket took (the level is
+            // only read under a rate limit).
+            ledger.requests += 1.0;
             return Err(Refusal::Limited(Limit::Concurrency, 1));
         }
-        self.requests.fetch_add(1, Relaxed);
-        Ok(admission)
-    }
-
-    /// Returns the request a refused admission took from the rate bucket.
-    fn give_back_request(&self) {
-        if let Some(max) = self.limits.max_requests_per_minute {
-            let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-            buckets.requests = (buckets.requests + 1.0).min(f64::from(max));
-        }
+        ledger.used.in_flight += 1;
+        ledger.used.requests += 1;
+        Ok(Admission(self.clone()))
     }
 
     /// What this client has used.
     pub(crate) fn usage(&self) -> Usage {
-        Usage {
-            requests: self.requests.load(Relaxed),
-            in_flight: self.in_flight.load(Relaxed),
-            tokens_in: self.tokens_in.load(Relaxed),
-            tokens_out: self.tokens_out.load(Relaxed),
-            bytes_in: self.bytes_in.load(Relaxed),
-            bytes_out: self.bytes_out.load(Relaxed),
-        }
+        self.ledger().used
+    }
+
+    /// Charges the model tokens a response reported.
+    pub(crate) fn charge(&self, tokens_in: u64, tokens_out: u64) {
+        let mut ledger = self.ledger();
+        let used = &mut ledger.used;
+        used.tokens_in = used.tokens_in.saturating_add(tokens_in);
+        used.tokens_out = used.tokens_out.saturating_add(tokens_out);
+        // The level is only read under a token limit.
+        ledger.tokens -= tokens(tokens_in.saturating_add(tokens_out));
     }
 }
 
-impl Buckets {
+impl Ledger {
     /// Refills both buckets to `now`, then takes one request if the token
     /// bucket is above zero and the request bucket holds one.
     fn check(&mut self, limits: &ClientLimits, now: Instant) -> Result<(), Refusal> {
         let elapsed = self.at.map_or(0.0, |at| (now - at).as_secs_f64());
         self.at = Some(now);
         if let Some(max) = limits.max_tokens_per_hour {
-            let (max, rate) = (per_hour(Some(max)), per_hour(Some(max)) / 3600.0);
+            let (max, rate) = (tokens(max), tokens(max) / 3600.0);
             self.tokens = (self.tokens + elapsed * rate).min(max);
             if self.tokens <= 0.0 {
                 // Whole seconds until the level is above zero again.
-                return Err(Refusal::Limited(
-                    Limit::Tokens,
-                    seconds(-self.tokens / rate + 1.0),
-                ));
+                let wait = seconds(-self.tokens / rate + 1.0);
+                return Err(Refusal::Limited(Limit::Tokens, wait));
             }
         }
         if let Some(max) = limits.max_requests_per_minute {
@@ -178,10 +165,11 @@ impl Buckets {
     }
 }
 
-// Exact below 2^53 tokens an hour, which no budget comes near.
+/// A token count as a bucket level.
+// Exact below 2^53 tokens, which no budget comes near.
 #[allow(clippy::cast_precision_loss)]
-fn per_hour(tokens: Option<u64>) -> f64 {
-    tokens.map_or(0.0, |t| t as f64)
+fn tokens(count: u64) -> f64 {
+    count as f64
 }
 
 /// A wait in whole seconds for `retry-after`, at least 1.
@@ -202,26 +190,15 @@ impl Admission {
 
     /// Counts the payload bytes the request moved.
     pub(crate) fn finish(&self, bytes_in: u64, bytes_out: u64) {
-        self.0.bytes_in.fetch_add(bytes_in, Relaxed);
-        self.0.bytes_out.fetch_add(bytes_out, Relaxed);
-    }
-}
-
-impl Budget {
-    /// Charges the model tokens a response reported.
-    pub(crate) fn charge(&self, tokens_in: u64, tokens_out: u64) {
-        self.tokens_in.fetch_add(tokens_in, Relaxed);
-        self.tokens_out.fetch_add(tokens_out, Relaxed);
-        if self.limits.max_tokens_per_hour.is_some() {
-            let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-            buckets.tokens -= per_hour(Some(tokens_in.saturating_add(tokens_out)));
-        }
+        let used = &mut self.0.ledger().used;
+        used.bytes_in = used.bytes_in.saturating_add(bytes_in);
+        used.bytes_out = used.bytes_out.saturating_add(bytes_out);
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.0.ledger().used.in_flight -= 1;
     }
 }
 
@@ -254,7 +231,8 @@ mod tests {
 
     #[test]
     fn rate_bucket_refills_continuously_and_refusals_cost_nothing() {
-        let mut buckets = Buckets {
+        let mut buckets = Ledger {
+            used: Usage::default(),
             requests: 2.0,
             tokens: 0.0,
             at: None,
@@ -291,7 +269,8 @@ mod tests {
             (usage.tokens_in, usage.tokens_out, usage.in_flight),
             (3000, 1000, 0)
         );
-        let mut buckets = Buckets {
+        let mut buckets = Ledger {
+            used: Usage::default(),
             requests: 0.0,
             tokens: -400.0,
             at: Some(Instant::now()),

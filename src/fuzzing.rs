@@ -1,13 +1,30 @@
 //! Entry points for the fuzz targets and the corpus replay test: thin,
 //! panic-free wrappers over the pure parsers. Not a stable API.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::DuplexStream;
+
 use crate::body::{BodyError, Reframer};
-use crate::config::{DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEAD_BYTES};
+use crate::budget::ClientLimits;
+use crate::clients::Clients;
+use crate::config::{Limits, Route, Secret, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEAD_BYTES};
+use crate::conn::{Phase, Shared};
 use crate::error::Refusal;
 use crate::head::{self, Framing, HeadScan, RequestHead, Scan, Side};
+use crate::route::RouteTable;
+use crate::upstream::{tls_connector, Upstream};
+use crate::usage::{body_kind, UsageScan};
 
 /// The framing a head gave its body, as the harness compares it.
 pub use crate::head::Framing as BodyFraming;
+/// What the usage scanner found in a response body: the largest value of
+/// each field, and what a token budget is charged.
+pub use crate::usage::Usage as TokenCounts;
+
+/// The value the fuzz route table injects.
+pub const FUZZ_KEY: &str = "FUZZ-INJECTED-KEY";
 
 /// Scans for the end of a head as keyhole does (64 KiB, 100 lines).
 /// `Ok(Some(n))`: the head is the first `n` bytes; `Ok(None)`: incomplete;
@@ -58,30 +75,16 @@ pub fn decode_chunked(pieces: &[&[u8]]) -> Result<(usize, Vec<u8>, u64, bool), &
 /// The route table every fuzz target uses: `/` → `https://upstream.example/base`
 /// injecting `x-api-key`, and `/openai` → `https://api.example/v1` injecting
 /// `authorization`. The injected values are `FUZZ_KEY` and `Bearer FUZZ_KEY`.
-fn fuzz_table() -> Option<crate::route::RouteTable> {
+fn fuzz_table() -> Option<RouteTable> {
+    let root = Route::new("/", "https://upstream.example/base").ok()?;
+    let openai = Route::new("/openai", "https://api.example/v1").ok()?;
     let routes = vec![
-        crate::Route::new("/", "https://upstream.example/base")
-            .ok()?
-            .header("x-api-key", crate::Secret::new(FUZZ_KEY)),
-        crate::Route::new("/openai", "https://api.example/v1")
-            .ok()?
-            .header(
-                "authorization",
-                crate::Secret::new(format!("Bearer {FUZZ_KEY}")),
-            ),
+        root.header("x-api-key", Secret::new(FUZZ_KEY)),
+        openai.header("authorization", Secret::new(format!("Bearer {FUZZ_KEY}"))),
     ];
-    Some(crate::route::RouteTable::new(
-        routes,
-        std::sync::Arc::new(crate::clients::Clients::new(
-            false,
-            crate::budget::ClientLimits::default(),
-        )),
-        Vec::new(),
-    ))
+    let clients = Arc::new(Clients::new(false, ClientLimits::default()));
+    Some(RouteTable::new(routes, clients, Vec::new()))
 }
-
-/// The value the fuzz route table injects.
-pub const FUZZ_KEY: &str = "FUZZ-INJECTED-KEY";
 
 /// A request as keyhole would forward it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,10 +93,6 @@ pub struct Forwarded {
     pub head: Vec<u8>,
     /// Upstream host the route points at.
     pub upstream_host: String,
-    /// The client's method.
-    pub method: String,
-    /// The client's target.
-    pub client_target: String,
     /// The body framing.
     pub framing: BodyFraming,
 }
@@ -118,22 +117,9 @@ pub fn forward_request(head_bytes: &[u8]) -> Result<Forwarded, u16> {
         Ok(Forwarded {
             head: fwd.head().to_vec(),
             upstream_host: table.routes()[fwd.route()].upstream.host.clone(),
-            method: req.method.to_owned(),
-            client_target: req.target.to_owned(),
             framing: fwd.framing(),
         })
     })
-}
-
-/// The upstream target keyhole would send for `target` through the fuzz
-/// route table, with the upstream host; the error is the status.
-pub fn route_target(target: &str) -> Result<(String, String), u16> {
-    let bytes = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    let fwd = forward_request(bytes.as_bytes())?;
-    let head = String::from_utf8(fwd.head).map_err(|_| 500u16)?;
-    let line = head.split("\r\n").next().unwrap_or_default();
-    let upstream_target = line.split(' ').nth(1).unwrap_or_default().to_owned();
-    Ok((fwd.upstream_host, upstream_target))
 }
 
 /// A validated upstream response head as keyhole would relay it.
@@ -170,52 +156,35 @@ pub fn relay_response(head_bytes: &[u8], request_was_head: bool) -> Result<Relay
 /// upstream connection. Timeouts are short (20 ms) so a stalled exchange
 /// ends quickly. Call it inside a tokio runtime with time enabled.
 pub async fn serve_in_memory(
-    client: tokio::io::DuplexStream,
-    connect: impl Fn() -> tokio::io::DuplexStream + Clone + Send + Sync + 'static,
+    client: DuplexStream,
+    connect: impl Fn() -> DuplexStream + Clone + Send + Sync + 'static,
 ) {
-    let (Some(table), Ok(connector)) = (fuzz_table(), crate::upstream::tls_connector(&[])) else {
+    let (Some(table), Ok(connector)) = (fuzz_table(), tls_connector(&[])) else {
         return;
     };
     let mut upstreams = Vec::new();
     for route in table.routes() {
-        let wakeup = std::sync::Arc::default();
-        let Ok(upstream) =
-            crate::upstream::Upstream::new(&route.upstream, &connector, wakeup, None)
-        else {
+        let Ok(upstream) = Upstream::new(&route.upstream, &connector, Arc::default(), None) else {
             return;
         };
         upstreams.push(upstream.with_memory(Box::new(connect.clone())));
     }
-    let short = std::time::Duration::from_millis(20);
-    let limits = crate::Limits {
+    let short = Duration::from_millis(20);
+    let limits = Limits {
         head_timeout: short,
         idle_timeout: short,
         upstream_timeout: short,
         connect_timeout: short,
         tls_timeout: short,
-        ..crate::Limits::default()
+        ..Limits::default()
     };
-    let shared = std::sync::Arc::new(crate::conn::Shared {
+    let shared = Arc::new(Shared {
         table,
         upstreams,
         limits,
     });
-    let (_phase, phase) = tokio::sync::watch::channel(crate::conn::Phase::Running);
+    let (_phase, phase) = tokio::sync::watch::channel(Phase::Running);
     crate::conn::serve(client, shared, phase).await;
-}
-
-/// What the usage scanner found in a response body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TokenCounts {
-    /// `[input, output, cache_creation_input, cache_read_input, prompt,
-    /// completion]` tokens: the largest value of each field.
-    pub fields: [u64; 6],
-    /// What a token budget is charged for input.
-    pub tokens_in: u64,
-    /// What a token budget is charged for output.
-    pub tokens_out: u64,
-    /// Whether any count was seen.
-    pub seen: bool,
 }
 
 /// Scans a response body of `content_type`, fed in the pieces given, for
@@ -223,22 +192,9 @@ pub struct TokenCounts {
 /// that keyhole scans.
 #[must_use]
 pub fn scan_usage(content_type: &[u8], pieces: &[&[u8]]) -> Option<TokenCounts> {
-    let mut scan = crate::usage::UsageScan::new(crate::usage::body_kind(content_type)?);
+    let mut scan = UsageScan::new(body_kind(content_type)?);
     for piece in pieces {
         scan.feed(piece);
     }
-    let u = scan.usage();
-    Some(TokenCounts {
-        fields: [
-            u.input_tokens,
-            u.output_tokens,
-            u.cache_creation_input_tokens,
-            u.cache_read_input_tokens,
-            u.prompt_tokens,
-            u.completion_tokens,
-        ],
-        tokens_in: u.tokens_in(),
-        tokens_out: u.tokens_out(),
-        seen: u.seen(),
-    })
+    Some(scan.usage())
 }

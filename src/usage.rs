@@ -10,8 +10,9 @@
 //! depth; for each, the largest value seen is kept. Its state is a few words
 //! whatever the input: a depth counter, two bit stacks for the outermost
 //! `MAX_DEPTH` containers, a short name buffer and a number accumulator.
-//! String content and SSE lines are skipped in runs, every other byte moves
-//! the state one step, so the result is the same however the body is split.
+//! String content and SSE `data` values are read in runs, every other byte
+//! moves the state one step, so the result is the same however the body is
+//! split.
 
 use crate::head::trim;
 
@@ -22,20 +23,15 @@ const MAX_DEPTH: u32 = u64::BITS;
 /// Longest member name kept: the longest field (`cache_creation_input_tokens`,
 /// 27 bytes) fits; a longer name matches none.
 const MAX_KEY: usize = 32;
-/// Where a field's count is kept.
-type Slot = fn(&mut Usage) -> &mut u64;
-/// The fields counted and where.
-const FIELDS: [(&[u8], Slot); 6] = [
-    (b"input_tokens", |u| &mut u.input_tokens),
-    (b"output_tokens", |u| &mut u.output_tokens),
-    (b"cache_creation_input_tokens", |u| {
-        &mut u.cache_creation_input_tokens
-    }),
-    (b"cache_read_input_tokens", |u| {
-        &mut u.cache_read_input_tokens
-    }),
-    (b"prompt_tokens", |u| &mut u.prompt_tokens),
-    (b"completion_tokens", |u| &mut u.completion_tokens),
+/// The fields counted, in the order of `Usage::counts`: Anthropic's, then
+/// `OpenAI`'s.
+const FIELDS: [&[u8]; 6] = [
+    b"input_tokens",
+    b"output_tokens",
+    b"cache_creation_input_tokens",
+    b"cache_read_input_tokens",
+    b"prompt_tokens",
+    b"completion_tokens",
 ];
 
 /// What kind of body, from the response's content-type.
@@ -60,47 +56,45 @@ pub(crate) fn body_kind(content_type: &[u8]) -> Option<BodyKind> {
 
 /// Token counts seen so far in one response: for each field, the largest
 /// value seen (the counts are cumulative, as in Anthropic's `message_start`
-/// then `message_delta`), 0 when never seen.
+/// then `message_delta`), 0 when never seen. Public only for the fuzzing
+/// seam (`fuzzing::TokenCounts`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[allow(clippy::struct_field_names)] // the names the APIs give the fields
-pub(crate) struct Usage {
-    /// `input_tokens` (Anthropic).
-    pub(crate) input_tokens: u64,
-    /// `output_tokens` (Anthropic).
-    pub(crate) output_tokens: u64,
-    /// `cache_creation_input_tokens` (Anthropic).
-    pub(crate) cache_creation_input_tokens: u64,
-    /// `cache_read_input_tokens` (Anthropic).
-    pub(crate) cache_read_input_tokens: u64,
-    /// `prompt_tokens` (`OpenAI`).
-    pub(crate) prompt_tokens: u64,
-    /// `completion_tokens` (`OpenAI`).
-    pub(crate) completion_tokens: u64,
+#[cfg_attr(not(feature = "fuzzing"), allow(unreachable_pub))]
+pub struct Usage {
+    /// `input_tokens`, `output_tokens`, `cache_creation_input_tokens`,
+    /// `cache_read_input_tokens`, `prompt_tokens`, `completion_tokens`.
+    pub counts: [u64; 6],
 }
 
+#[cfg_attr(not(feature = "fuzzing"), allow(unreachable_pub))]
 impl Usage {
     /// Input + cache creation + cache read + prompt tokens, saturating.
-    pub(crate) fn tokens_in(&self) -> u64 {
-        self.input_tokens
-            .saturating_add(self.cache_creation_input_tokens)
-            .saturating_add(self.cache_read_input_tokens)
-            .saturating_add(self.prompt_tokens)
+    #[must_use]
+    pub fn tokens_in(&self) -> u64 {
+        let [input, _, creation, read, prompt, _] = self.counts;
+        input
+            .saturating_add(creation)
+            .saturating_add(read)
+            .saturating_add(prompt)
     }
 
     /// Output + completion tokens, saturating.
-    pub(crate) fn tokens_out(&self) -> u64 {
-        self.output_tokens.saturating_add(self.completion_tokens)
+    #[must_use]
+    pub fn tokens_out(&self) -> u64 {
+        let [_, output, .., completion] = self.counts;
+        output.saturating_add(completion)
     }
 
     /// Whether any field was seen with a count: a usage of zeros charges
     /// nothing, so it is not told apart from none.
-    pub(crate) fn seen(&self) -> bool {
+    #[must_use]
+    pub fn seen(&self) -> bool {
         *self != Usage::default()
     }
 }
 
 /// Reads the usage of one response body, fed in the pieces it arrives in.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct UsageScan {
     /// The JSON body, or the current event's `data`.
     json: Json,
@@ -117,11 +111,10 @@ pub(crate) struct UsageScan {
 /// and with one only a first line of `data` would be missed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Line {
-    /// In the field name, after this many bytes of `data`; `Name(0)` is the
-    /// start of the line.
+    /// In the field name, after this many bytes of `data:`: `Name(0)` is the
+    /// start of the line, `Name(5)` just after `data:`, where one space is
+    /// not part of the value.
     Name(u8),
-    /// Just after `data:`, where one space is not part of the value.
-    Space,
     /// In a `data` value, which goes to the JSON tokenizer.
     Data,
     /// In a comment or a field other than `data`, ignored.
@@ -132,10 +125,8 @@ impl UsageScan {
     /// A scanner for a body of `kind`, nothing seen yet.
     pub(crate) fn new(kind: BodyKind) -> UsageScan {
         UsageScan {
-            json: Json::default(),
-            usage: Usage::default(),
             line: (kind == BodyKind::EventStream).then_some(Line::Name(0)),
-            after_cr: false,
+            ..UsageScan::default()
         }
     }
 
@@ -152,36 +143,32 @@ impl UsageScan {
             line = match line {
                 // A line ends with CRLF, LF or CR (WHATWG HTML §9.2.5).
                 _ if b == b'\n' && after_cr => continue,
+                // An empty line ends the event: the next data is a new JSON text.
+                Line::Name(0) if b == b'\r' || b == b'\n' => {
+                    self.json = Json::default();
+                    Line::Name(0)
+                }
+                // One event's data lines are joined with LF (§9.2.6), JSON whitespace
+                // (`data` without a colon is an empty one). Other lines end with one
+                // too: it only ever follows another, or starts the text, where a
+                // second changes nothing.
                 _ if b == b'\r' || b == b'\n' => {
-                    match line {
-                        // An empty line ends the event: the next data is a new JSON text.
-                        Line::Name(0) => self.json = Json::default(),
-                        // One event's data lines are joined with LF (§9.2.6), JSON
-                        // whitespace; `data` without a colon is an empty one.
-                        Line::Name(4) | Line::Space | Line::Data => {
-                            self.json.feed(b"\n", &mut self.usage);
-                        }
-                        Line::Name(_) | Line::Skip => {}
-                    }
+                    self.json.feed(b"\n", &mut self.usage);
                     Line::Name(0)
                 }
                 // Only `data` counts; a line starting with `:` is a comment (§9.2.6).
-                Line::Name(4) if b == b':' => Line::Space,
-                Line::Name(n) if b"data".get(usize::from(n)) == Some(&b) => Line::Name(n + 1),
-                Line::Name(_) => Line::Skip,
-                Line::Space if b == b' ' => Line::Data,
-                Line::Space | Line::Data | Line::Skip => {
-                    // The rest of the line, from `b` (so the run is at least 1), at once.
+                Line::Name(n) if b"data:".get(usize::from(n)) == Some(&b) => Line::Name(n + 1),
+                Line::Name(5) if b == b' ' => Line::Data,
+                Line::Name(5) | Line::Data => {
+                    // The rest of the value, from `b` (so the run is at least 1), at once.
                     let rest = &payload[i - 1..];
                     let run = rest.iter().position(|&b| b == b'\r' || b == b'\n');
                     let run = run.unwrap_or(rest.len());
                     i += run - 1;
-                    if line == Line::Skip {
-                        continue;
-                    }
                     self.json.feed(&rest[..run], &mut self.usage);
                     Line::Data
                 }
+                Line::Name(_) | Line::Skip => Line::Skip,
             };
         }
         self.line = Some(line);
@@ -208,12 +195,10 @@ enum State {
     Str,
     /// After a backslash in a string.
     Escape,
-    /// In a non-negative integer, its value so far in `number` (§6).
-    Int,
-    /// In a literal (`true`, `false`, `null`) or a number that cannot be a
-    /// count (negative, fraction, exponent), skipped as a run of the bytes
-    /// they are made of, not spelled out.
-    Skip,
+    /// In a number (§6) or a literal (`true`, `false`, `null`), skipped as a
+    /// run of the bytes they are made of, not spelled out. Its value so far
+    /// is in `number`; it counts only while it is a non-negative integer.
+    Scalar,
     /// After the top-level object or array: only whitespace may follow (§2).
     Done,
     /// Malformed: everything else is ignored.
@@ -228,8 +213,8 @@ enum Member {
     Other,
     /// `usage`: an object value is a usage object.
     Usage,
-    /// One of `FIELDS`, a direct member of a usage object: where it counts.
-    Count(Slot),
+    /// One of `FIELDS`, a direct member of a usage object: its index.
+    Count(usize),
 }
 
 /// An incremental JSON tokenizer that tracks only what finding usage needs.
@@ -244,9 +229,11 @@ struct Json {
     usages: u64,
     /// The first bytes of the last string, which a `:` makes a member name.
     key: [u8; MAX_KEY],
-    /// How many of `key` are used; over `MAX_KEY` when the name cannot match.
+    /// The length of the last string; over `MAX_KEY` (so not all in `key`)
+    /// when the name cannot match.
     key_len: usize,
-    /// Set by a `:`, taken by the value after it.
+    /// Set by a `:`, taken by the value after it; `Other` once a number
+    /// cannot be a count.
     member: Member,
     /// The integer being read, saturating.
     number: u64,
@@ -257,10 +244,13 @@ impl Json {
     fn feed(&mut self, bytes: &[u8], usage: &mut Usage) {
         let mut i = 0;
         while let Some(&b) = bytes.get(i) {
+            i += 1;
+            let blank = matches!(b, b' ' | b'\t' | b'\n' | b'\r'); // §2
+            let scalar = b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-');
             match self.state {
                 // String content is skipped in one run up to `"` or `\`.
                 State::Str => {
-                    let rest = &bytes[i..];
+                    let rest = &bytes[i - 1..];
                     let run = rest.iter().position(|&b| b == b'"' || b == b'\\');
                     let run = run.unwrap_or(rest.len());
                     self.push_key(&rest[..run]);
@@ -269,46 +259,30 @@ impl Json {
                         Some(b'"') => self.state = State::Between,
                         // Names with escapes are not matched: real APIs never send one.
                         Some(_) => (self.state, self.key_len) = (State::Escape, MAX_KEY + 1),
-                        None => continue,
+                        None => {}
                     }
                 }
+                // Every escape is `\` and one byte; `\uXXXX` digits are plain content (§7).
+                State::Escape => self.state = State::Str,
+                State::Scalar if b.is_ascii_digit() => {
+                    let digit = u64::from(b - b'0');
+                    self.number = self.number.saturating_mul(10).saturating_add(digit);
+                }
+                // A sign, fraction, exponent or letter: not a count.
+                State::Scalar if scalar => self.member = Member::Other,
+                State::Scalar => {
+                    if let Member::Count(field) = std::mem::take(&mut self.member) {
+                        usage.counts[field] = usage.counts[field].max(self.number);
+                    }
+                    // The byte that ended it is read again, between tokens.
+                    (self.state, i) = (State::Between, i - 1);
+                }
+                State::Between | State::Done if blank => {}
+                State::Between => self.token(b),
+                State::Done => self.state = State::Error,
                 State::Error => return,
-                _ => {
-                    if !self.byte(b, usage) {
-                        continue;
-                    }
-                }
             }
-            i += 1;
         }
-    }
-
-    /// Reads one byte outside string content; `false` when a number or
-    /// literal ended before it, so it is read again between tokens.
-    fn byte(&mut self, b: u8, usage: &mut Usage) -> bool {
-        let blank = matches!(b, b' ' | b'\t' | b'\n' | b'\r'); // §2
-        let scalar = b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-');
-        match self.state {
-            // Every escape is `\` and one byte; `\uXXXX` digits are plain content (§7).
-            State::Escape => self.state = State::Str,
-            State::Int if b.is_ascii_digit() => {
-                let digit = u64::from(b - b'0');
-                self.number = self.number.saturating_mul(10).saturating_add(digit);
-            }
-            State::Int | State::Skip if scalar => self.state = State::Skip,
-            State::Int | State::Skip => {
-                if let (State::Int, Member::Count(slot)) = (self.state, self.member) {
-                    let count = slot(usage);
-                    *count = (*count).max(self.number);
-                }
-                (self.state, self.member) = (State::Between, Member::Other);
-                return false;
-            }
-            State::Between | State::Done if blank => {}
-            State::Between => self.token(b),
-            State::Str | State::Done | State::Error => self.state = State::Error,
-        }
-        true
     }
 
     /// Reads a token's first byte: the member set by a `:` goes to the value
@@ -322,10 +296,10 @@ impl Json {
             b'{' | b'[' => self.open(b == b'{', member),
             b'}' | b']' => self.close(b == b'}'),
             b'0'..=b'9' => {
-                (self.state, self.member) = (State::Int, member);
+                (self.state, self.member) = (State::Scalar, member);
                 self.number = u64::from(b - b'0');
             }
-            b'-' | b't' | b'f' | b'n' => self.state = State::Skip,
+            b'-' | b't' | b'f' | b'n' => self.state = State::Scalar,
             _ => self.state = State::Error,
         }
     }
@@ -364,23 +338,20 @@ impl Json {
         }
     }
 
-    /// Keeps the next bytes of a string, or marks it too long to be a name.
+    /// Keeps the next bytes of a string while they fit.
     fn push_key(&mut self, bytes: &[u8]) {
-        let end = self.key_len.saturating_add(bytes.len());
-        if let Some(room) = self.key.get_mut(self.key_len..end) {
+        let start = self.key_len;
+        self.key_len = start.saturating_add(bytes.len());
+        if let Some(room) = self.key.get_mut(start..self.key_len) {
             room.copy_from_slice(bytes);
-            self.key_len = end;
-        } else {
-            self.key_len = MAX_KEY + 1;
         }
     }
 
     /// What the last string means as a member name of the innermost object.
     fn name(&self) -> Member {
         let name = self.key.get(..self.key_len).unwrap_or_default();
-        let field = FIELDS.iter().find(|(field, _)| *field == name);
-        match field {
-            Some(&(_, slot)) if self.usages & self.bit() != 0 => Member::Count(slot),
+        match FIELDS.iter().position(|&field| field == name) {
+            Some(field) if self.usages & self.bit() != 0 => Member::Count(field),
             _ if name == b"usage" => Member::Usage,
             _ => Member::Other,
         }
@@ -432,8 +403,7 @@ mod tests {
     #[test]
     fn real_shapes() {
         let u = usage(J, ANTHROPIC_JSON);
-        assert_eq!((u.input_tokens, u.cache_creation_input_tokens), (25, 3));
-        assert_eq!((u.cache_read_input_tokens, u.output_tokens), (4, 12));
+        assert_eq!(u.counts, [25, 12, 3, 4, 0, 0]);
         assert_eq!((u.tokens_in(), u.tokens_out()), (32, 12));
         assert_eq!(in_out(Sse, ANTHROPIC_SSE), (25, 15));
         assert_eq!(in_out(J, OPENAI_JSON), (9, 12));

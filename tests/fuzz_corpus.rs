@@ -147,12 +147,9 @@ fn usage_seed_names_match_counts() {
             b"application/json"
         };
         let got = keyhole::fuzzing::scan_usage(content_type, &[&bytes[1..]]).expect("scanned");
-        if (got.tokens_in.to_string(), got.tokens_out.to_string()) != (tokens_in.into(), out.into())
-        {
-            wrong.push(format!(
-                "{name}: in {} out {}",
-                got.tokens_in, got.tokens_out
-            ));
+        let (got_in, got_out) = (got.tokens_in(), got.tokens_out());
+        if (got_in.to_string(), got_out.to_string()) != (tokens_in.into(), out.into()) {
+            wrong.push(format!("{name}: in {got_in} out {got_out}"));
         }
     }
     assert!(wrong.is_empty(), "seeds whose name lies: {wrong:#?}");
@@ -184,7 +181,7 @@ fn seed_names_match_verdicts() {
             fuzzing::relay_response(d, false).is_ok()
         }),
         ("route_rewrite", |d| {
-            std::str::from_utf8(d).is_ok_and(|t| fuzzing::route_target(t).is_ok())
+            std::str::from_utf8(d).is_ok_and(|t| checks::route_target(t).is_ok())
         }),
         ("connect_response", |d| {
             matches!(fuzzing::connect_answer(d), Ok(Some(_)))
