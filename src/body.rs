@@ -16,6 +16,7 @@
 
 use crate::config::{is_control, is_tchar};
 use crate::head::Framing;
+use std::io::Write as _;
 use std::sync::Arc;
 
 use crate::budget::Budget;
@@ -304,7 +305,8 @@ impl Reframer {
 
     /// A byte of a size line before any extension. RFC 9112 §7.1:
     /// `chunk-size = 1*HEXDIG`, so an empty size, a sign, `0x` or leading
-    /// whitespace is refused; checked arithmetic refuses what a u64 cannot hold.
+    /// whitespace is refused; at most `MAX_SIZE_DIGITS` digits, which a u64
+    /// always holds.
     fn size(&mut self, digits: u8, byte: u8) -> Result<Chunk, BodyError> {
         let Some(value) = char::from(byte).to_digit(16) else {
             return match digits {
@@ -315,11 +317,7 @@ impl Reframer {
         if digits == MAX_SIZE_DIGITS {
             return Err(bad("chunk size too long"));
         }
-        self.size = self
-            .size
-            .checked_mul(16)
-            .and_then(|s| s.checked_add(u64::from(value)))
-            .ok_or(bad("chunk size overflows"))?;
+        self.size = (self.size << 4) | u64::from(value);
         Ok(Chunk::Size { digits: digits + 1 })
     }
 
@@ -468,11 +466,8 @@ fn trailer(at: Trailer, byte: u8, out: &mut Vec<u8>) -> Result<Chunk, BodyError>
 
 /// Appends a canonical chunk size line: lowercase hex, no leading zeros.
 fn write_size(out: &mut Vec<u8>, size: u64) {
-    let digits = (u64::BITS - size.leading_zeros()).div_ceil(4).max(1);
-    for digit in (0..digits).rev() {
-        out.push(b"0123456789abcdef"[((size >> (digit * 4)) & 15) as usize]);
-    }
-    out.extend_from_slice(b"\r\n");
+    // Writing into a `Vec` cannot fail.
+    let _ = write!(out, "{size:x}\r\n");
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! keyhole is stricter than the RFC.
 //! Pure functions over bytes: no IO, no clocks.
 
+use std::io::Write as _;
 use std::mem::MaybeUninit;
 
 use crate::config::{is_tchar, is_token, HEADER_ARRAY_LEN};
@@ -314,12 +315,9 @@ impl RequestHead<'_, '_> {
     }
 }
 
-/// Room for httparse's headers, left uninitialised: filling 256 empty
+/// Fresh room for httparse's headers, left uninitialised: filling 256 empty
 /// headers (8 KiB) twice per request cost more than parsing the heads.
-pub(crate) type HeaderSlots<'b> = [MaybeUninit<httparse::Header<'b>>; HEADER_ARRAY_LEN];
-
-/// Fresh header slots for httparse.
-pub(crate) fn header_array<'b>() -> HeaderSlots<'b> {
+pub(crate) fn header_array<'b>() -> [MaybeUninit<httparse::Header<'b>>; HEADER_ARRAY_LEN] {
     [const { MaybeUninit::uninit() }; HEADER_ARRAY_LEN]
 }
 
@@ -333,13 +331,14 @@ pub(crate) fn parse_request<'h, 'b>(
     let line = head.strip_prefix(b"\r\n").unwrap_or(head);
     check_request_line(&line[..line.iter().position(|&b| b == b'\r').unwrap_or(line.len())])?;
     let mut req = httparse::Request::new(&mut []);
-    // RFC 9112 §5: httparse's own errors (obs-fold, whitespace before the
-    // colon, bad tokens, control bytes) are final; no lenient retry.
+    // RFC 9112 §5: httparse's own errors are final; no lenient retry. What
+    // it refuses (obs-fold, whitespace before the colon, bad tokens, control
+    // bytes) `HeadScan` has refused already, with its own reason, in every
+    // head it found the end of: only a head that was not scanned gets here.
     match req.parse_with_uninit_headers(head, storage) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        Ok(_) => return Err(Refusal::BadRequest("incomplete request head")),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadTooLarge),
-        Err(err) => return Err(Refusal::BadRequest(httparse_reason(err))),
+        Ok(_) | Err(_) => return Err(Refusal::BadRequest("malformed request head")),
     }
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Err(Refusal::VersionNotSupported);
@@ -530,17 +529,16 @@ fn is_dot_segment(segment: &[u8]) -> bool {
 /// RFC 9110 §7.2: `uri-host [":" port]`, host an IP literal in brackets or
 /// a reg-name (RFC 3986 §3.2.2).
 fn valid_host(host: &[u8]) -> bool {
-    // An unclosed bracket leaves the name empty.
-    let name_len = if host.first() == Some(&b'[') {
-        host.iter()
-            .position(|&b| b == b']')
-            .map_or(0, |end| end + 1)
-    } else {
-        host.iter().position(|&b| b == b':').unwrap_or(host.len())
+    // An IP literal ends at its bracket (an unclosed one is no name), a
+    // reg-name at the port's colon.
+    let name_len = match host.first() {
+        Some(b'[') => host.iter().position(|&b| b == b']').map(|end| end + 1),
+        _ => host.iter().position(|&b| b == b':'),
     };
-    let (name, port) = match host.split_at(name_len) {
-        (name, []) => (name, &[][..]),
-        (name, [b':', port @ ..]) => (name, port),
+    let (name, port) = host.split_at(name_len.unwrap_or(host.len()));
+    let port = match port {
+        [b':', port @ ..] => port,
+        [] => port,
         _ => return false,
     };
     let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
@@ -592,18 +590,6 @@ pub(crate) fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|&b| b == b',')
         .map(trim)
         .filter(|item| !item.is_empty())
-}
-
-fn httparse_reason(err: httparse::Error) -> &'static str {
-    match err {
-        httparse::Error::HeaderName => "invalid header name",
-        httparse::Error::HeaderValue => "invalid header value",
-        httparse::Error::NewLine => "invalid line ending",
-        httparse::Error::Status => "invalid status",
-        httparse::Error::Token => "invalid token in request line",
-        httparse::Error::TooManyHeaders => "too many headers",
-        httparse::Error::Version => "invalid version",
-    }
 }
 
 /// Most interim (1xx) responses accepted before the final one: RFC 9110
@@ -717,9 +703,9 @@ pub(crate) fn is_nominated(headers: &[httparse::Header<'_>], name: &str) -> bool
 /// status line, end-to-end headers byte for byte, its own framing fields.
 /// The caller adds its connection field and the final CRLF.
 pub(crate) fn write_response_head(out: &mut Vec<u8>, res: &ResponseHead<'_, '_>) {
-    let mut digits = [0; 20];
-    let status = decimal(res.status.into(), &mut digits);
-    for part in [b"HTTP/1.1 ", status, b" ", res.reason, b"\r\n"] {
+    // Writing into a `Vec` cannot fail.
+    let _ = write!(out, "HTTP/1.1 {} ", res.status);
+    for part in [res.reason, b"\r\n"] {
         out.extend_from_slice(part);
     }
     let nominates = nominates_others(res.headers);
@@ -748,7 +734,8 @@ pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 pub(crate) fn push_framing(out: &mut Vec<u8>, framing: Framing, bodiless_length: Option<u64>) {
     match (framing, bodiless_length) {
         (Framing::Length(n), _) | (Framing::Empty, Some(n)) => {
-            push_field(out, b"content-length", decimal(n, &mut [0; 20]));
+            // Writing into a `Vec` cannot fail.
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         // A close-delimited body is re-framed as chunked (see `Reframer::feed`).
         (Framing::Chunked | Framing::UntilClose, _) => {
@@ -756,20 +743,6 @@ pub(crate) fn push_framing(out: &mut Vec<u8>, framing: Framing, bodiless_length:
         }
         (Framing::Empty, None) => {}
     }
-}
-
-/// `n` in decimal ASCII digits, written into `digits`.
-pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &digits[i..]
 }
 
 #[cfg(test)]
