@@ -67,8 +67,7 @@ enum Part {
     /// A request's field name, before its colon.
     Name,
     /// Where only control bytes are refused: a request's field value, a
-    /// response's lines (the rest is left to httparse, 502 either way), the
-    /// rest of a line already found valid whole.
+    /// response's lines (the rest is left to httparse, 502 either way).
     Value,
 }
 
@@ -112,25 +111,15 @@ impl HeadScan {
         let head = &buf[..buf.len().min(max_bytes)];
         let mut i = self.pos;
         while i < head.len() {
-            if self.part == Part::Value {
-                i += first_control(&head[i..]);
-            } else if self.part == Part::LineStart {
-                // Most lines of a request arrive whole and valid: checked in
-                // one go up to their CR. One not all there yet, or wrong, goes
-                // byte by byte (`next`), which also says what is wrong.
-                let end = i + first_control(&head[i..]);
-                let line = &head[i..end];
-                let valid = if self.lines == 0 {
-                    check_request_line(line).is_ok()
-                } else {
-                    let name = line.iter().position(|&b| !is_tchar(b));
-                    name.is_some_and(|colon| colon > 0 && line[colon] == b':')
-                };
-                if valid && head.get(end) == Some(&b'\r') {
-                    self.part = Part::Value;
-                    i = end;
-                }
-            }
+            // Most bytes leave their part as it is, and are skipped in runs;
+            // the others go one by one (`next`), which says what is wrong.
+            let rest = &head[i..];
+            i += match self.part {
+                Part::Value => first_control(rest),
+                Part::Method | Part::Name => rest.iter().take_while(|&&b| is_tchar(b)).count(),
+                Part::Target => rest.iter().take_while(|b| b.is_ascii_graphic()).count(),
+                _ => 0,
+            };
             let Some(&b) = head.get(i) else { break };
             match b {
                 // A line ending: taken as a pair, so any LF met on its own is bare.
@@ -234,24 +223,6 @@ fn request_line_end(part: Part, line: &[u8]) -> Result<(), Refusal> {
     }
 }
 
-/// A whole request line (up to its CR) by `request_line`, over the runs of
-/// bytes that leave a method or target as it is in one go.
-fn check_request_line(line: &[u8]) -> Result<(), Refusal> {
-    let (mut part, mut rest) = (Part::LineStart, line);
-    while let Some((&b, tail)) = rest.split_first() {
-        part = request_line(part, b)?;
-        let run = match part {
-            Part::Method => tail.iter().position(|&b| !is_tchar(b)),
-            Part::Target => tail.iter().position(|b| !(b'!'..=b'~').contains(b)),
-            // How nearly every request line ends.
-            Part::Version(0) if tail == b"HTTP/1.1" => return Ok(()),
-            _ => Some(0),
-        };
-        rest = &tail[run.unwrap_or(tail.len())..];
-    }
-    request_line_end(part, line)
-}
-
 /// Where the first control byte of `bytes` is (its length if none): eight
 /// bytes at a time, as most are visible.
 fn first_control(bytes: &[u8]) -> usize {
@@ -329,7 +300,9 @@ pub(crate) fn parse_request<'h, 'b>(
     // The request line by the scan's own rules (the version first, 505),
     // so a head gets the same answer whichever of the two refuses it.
     let line = head.strip_prefix(b"\r\n").unwrap_or(head);
-    check_request_line(&line[..line.iter().position(|&b| b == b'\r').unwrap_or(line.len())])?;
+    let line = &line[..line.iter().position(|&b| b == b'\r').unwrap_or(line.len())];
+    let part = line.iter().try_fold(Part::LineStart, |part, &b| request_line(part, b))?;
+    request_line_end(part, line)?;
     let mut req = httparse::Request::new(&mut []);
     // RFC 9112 §5: httparse's own errors are final; no lenient retry. What
     // it refuses (obs-fold, whitespace before the colon, bad tokens, control
@@ -353,7 +326,6 @@ pub(crate) fn parse_request<'h, 'b>(
     let mut host = None;
     let mut hosts = 0;
     let mut browser = false;
-    let mut close = false;
     let mut expect = Expect::None;
     let mut facts = Facts::default();
     for h in headers {
@@ -380,7 +352,6 @@ pub(crate) fn parse_request<'h, 'b>(
             if !interpreted(value) || !list_items(value).all(is_token) {
                 return Err(Refusal::BadRequest("invalid Connection header"));
             }
-            close |= list_items(value).any(|o| o.eq_ignore_ascii_case(b"close"));
         } else if is("expect") {
             // RFC 9110 §10.1.1: only a single 100-continue is understood.
             expect = if expect == Expect::None && value.eq_ignore_ascii_case(b"100-continue") {
@@ -411,13 +382,13 @@ pub(crate) fn parse_request<'h, 'b>(
         browser,
         host,
         trace: method == "TRACE",
-        close,
+        close: facts.close,
         expect,
         framing: body_framing(Side::Request, &facts),
     })
 }
 
-/// What a head says about its body, collected field by field.
+/// What a head says about its body and connection, collected field by field.
 #[derive(Debug, Default)]
 struct Facts {
     lengths: u32,
@@ -431,10 +402,13 @@ struct Facts {
     /// A response without a body whatever its fields say (RFC 9112 §6.3
     /// rule 1: to HEAD, 1xx, 204, 304).
     bodiless: bool,
+    /// A `Connection` field lists `close` (RFC 9112 §9.6).
+    close: bool,
 }
 
 impl Facts {
-    /// Notes `name: value` if it is a framing field; false for any other.
+    /// Notes `name: value`; true if it is a framing field, which says
+    /// nothing else.
     fn note(&mut self, name: &str, value: &[u8]) -> bool {
         if name.eq_ignore_ascii_case("content-length") {
             self.lengths = self.lengths.saturating_add(1);
@@ -443,6 +417,8 @@ impl Facts {
             self.codings = self.codings.saturating_add(1);
             self.chunked = value.eq_ignore_ascii_case(b"chunked");
         } else {
+            let close = |o: &[u8]| o.eq_ignore_ascii_case(b"close");
+            self.close |= name.eq_ignore_ascii_case("connection") && list_items(value).any(close);
             return false;
         }
         true
@@ -491,7 +467,7 @@ fn check_target(target: &str) -> Result<usize, Refusal> {
     if bytes.starts_with(b"//") {
         return Err(Refusal::BadRequest("request target starts with //"));
     }
-    // Visible ASCII only, as `check_request_line` has made sure; and no
+    // Visible ASCII only, as `request_line` has made sure; and no
     // fragment, for which origin-form has no room (RFC 9112 §3.2.1).
     if bytes.contains(&b'#') {
         return Err(Refusal::BadRequest("fragment in request target"));
@@ -637,7 +613,6 @@ pub(crate) fn parse_response<'h, 'b>(
     }
     let reason = res.reason.unwrap_or_default().as_bytes();
     let headers: &'h [httparse::Header<'b>] = res.headers;
-    let mut close = version == 0;
     let mut facts = Facts {
         http10: version == 0,
         bodiless: request_was_head || status < 200 || status == 204 || status == 304,
@@ -645,10 +620,7 @@ pub(crate) fn parse_response<'h, 'b>(
     };
     for h in headers {
         // RFC 9110 §5.5: httparse has already refused control bytes, as for requests.
-        let value = trim(h.value);
-        if !facts.note(h.name, value) && h.name.eq_ignore_ascii_case("connection") {
-            close |= list_items(value).any(|o| o.eq_ignore_ascii_case(b"close"));
-        }
+        facts.note(h.name, trim(h.value));
     }
     let framing = body_framing(Side::Response, &facts)?;
     Ok(ResponseHead {
@@ -656,7 +628,8 @@ pub(crate) fn parse_response<'h, 'b>(
         reason,
         headers,
         framing,
-        close: close || framing == Framing::UntilClose,
+        // HTTP/1.0 closes unless told otherwise, and keyhole never asks.
+        close: facts.close || facts.http10 || framing == Framing::UntilClose,
         length: facts.length,
     })
 }

@@ -162,19 +162,12 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin>(
 ) -> Result<usize, HeadError> {
     let mut scan = HeadScan::new(side);
     loop {
-        if !input.is_empty() {
-            match scan
-                .scan(input.data(), max_bytes, max_lines)
-                .map_err(HeadError::Invalid)?
-            {
-                Scan::Complete(n) => return Ok(n),
-                Scan::Partial => {}
-            }
+        let scanned = scan.scan(input.data(), max_bytes, max_lines);
+        if let Scan::Complete(n) = scanned.map_err(HeadError::Invalid)? {
+            return Ok(n);
         }
-        match input.read_from(src).await {
-            Ok(0) => return Err(HeadError::Closed),
-            Ok(_) => {}
-            Err(_) => return Err(HeadError::Io),
+        if input.read_from(src).await.map_err(|_| HeadError::Io)? == 0 {
+            return Err(HeadError::Closed);
         }
     }
 }
@@ -320,10 +313,9 @@ where
                     input.consume(n);
                 }
             }
-            if !input.is_empty() && !body.is_done() {
-                let n = body.feed(input.data(), out).map_err(PumpError::Framing)?;
-                input.consume(n);
-            }
+            // What is left (none of a plain body) is re-framed into `out`.
+            let n = body.feed(input.data(), out).map_err(PumpError::Framing)?;
+            input.consume(n);
             if max_payload.is_some_and(|max| body.payload() > max) {
                 return Err(PumpError::TooLarge);
             }
