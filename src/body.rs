@@ -198,12 +198,16 @@ impl Reframer {
         }
     }
 
-    /// Counts a run of payload bytes, and shows it to the usage scanner.
-    fn payload_run(&mut self, bytes: &[u8]) {
-        self.payload += bytes.len() as u64;
+    /// Takes the leading run of `input` that a body with `remaining` bytes
+    /// to go has there: counts it and shows it to the usage scanner. Returns
+    /// its length, and how many bytes are still to go.
+    fn payload_run(&mut self, remaining: u64, input: &[u8]) -> (usize, u64) {
+        let take = input.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        self.payload += take as u64;
         if let Some(observer) = &mut self.usage {
-            observer.scan.feed(bytes);
+            observer.scan.feed(&input[..take]);
         }
+        (take, remaining - take as u64)
     }
 
     /// Has the whole body been consumed?
@@ -230,20 +234,18 @@ impl Reframer {
     /// pass through unchanged, so the caller may forward them straight from
     /// its buffer. `None` for bodies keyhole frames itself.
     pub(crate) fn passthrough(&mut self, input: &[u8]) -> Option<usize> {
-        let take = match self.state {
+        match self.state {
             State::Length(n) => {
-                let take = run(n, input.len());
-                self.state = match n - take as u64 {
+                let (take, left) = self.payload_run(n, input);
+                self.state = match left {
                     0 => State::Done,
                     left => State::Length(left),
                 };
-                take
+                Some(take)
             }
-            State::Done => 0,
-            State::Chunked(_) | State::UntilClose => return None,
-        };
-        self.payload_run(&input[..take]);
-        Some(take)
+            State::Done => Some(0),
+            State::Chunked(_) | State::UntilClose => None,
+        }
     }
 
     /// Consumes a prefix of `input`, appending what is forwarded to `out`.
@@ -262,7 +264,7 @@ impl Reframer {
                 write_size(out, input.len() as u64);
                 out.extend_from_slice(input);
                 out.extend_from_slice(b"\r\n");
-                self.payload_run(input);
+                self.payload_run(u64::MAX, input);
             }
             return Ok(input.len());
         }
@@ -339,10 +341,9 @@ impl Reframer {
     /// As much of a chunk's data as `input` holds, copied as one run; and
     /// how many bytes that took.
     fn data(&mut self, remaining: u64, input: &[u8], out: &mut Vec<u8>) -> (Chunk, usize) {
-        let take = run(remaining, input.len());
+        let (take, left) = self.payload_run(remaining, input);
         out.extend_from_slice(&input[..take]);
-        self.payload_run(&input[..take]);
-        match remaining - take as u64 {
+        match left {
             0 => (Chunk::DataCr, take),
             left => (Chunk::Data { remaining: left }, take),
         }
@@ -372,11 +373,6 @@ impl Reframer {
 /// A refusal of bad chunk framing.
 fn bad(why: &'static str) -> BodyError {
     BodyError::Chunk(why)
-}
-
-/// How much of `available` input a body with `remaining` bytes to go takes.
-fn run(remaining: u64, available: usize) -> usize {
-    available.min(usize::try_from(remaining).unwrap_or(usize::MAX))
 }
 
 /// HTAB, SP, VCHAR or obs-text: the bytes of RFC 9110 §5.6.4's quoted-pair

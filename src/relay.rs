@@ -70,10 +70,7 @@ impl InBuf {
         }
         let buf = &mut self.buf.0;
         if buf.capacity() - buf.len() < MIN_READ {
-            if self.pos > 0 {
-                buf.drain(..self.pos);
-                self.pos = 0;
-            }
+            buf.drain(..std::mem::take(&mut self.pos));
             if buf.capacity() - buf.len() < MIN_READ {
                 buf.reserve(BUF_SIZE.max(buf.len()));
             }
@@ -189,10 +186,7 @@ pub(crate) async fn timeout_in_steps<F: Future>(
     let deadline = start + limit;
     let mut future = pin!(future);
     let mut now = start;
-    loop {
-        if now >= deadline {
-            return None;
-        }
+    while now < deadline {
         timer.as_mut().reset(deadline.min(now + step));
         tokio::select! {
             biased;
@@ -201,6 +195,7 @@ pub(crate) async fn timeout_in_steps<F: Future>(
         }
         now = Instant::now();
     }
+    None
 }
 
 /// Awaits `future` for at most `idle`, reading the clock and arming a timer
