@@ -301,7 +301,9 @@ pub(crate) fn parse_request<'h, 'b>(
     // so a head gets the same answer whichever of the two refuses it.
     let line = head.strip_prefix(b"\r\n").unwrap_or(head);
     let line = &line[..line.iter().position(|&b| b == b'\r').unwrap_or(line.len())];
-    let part = line.iter().try_fold(Part::LineStart, |part, &b| request_line(part, b))?;
+    let part = line
+        .iter()
+        .try_fold(Part::LineStart, |part, &b| request_line(part, b))?;
     request_line_end(part, line)?;
     let mut req = httparse::Request::new(&mut []);
     // RFC 9112 §5: httparse's own errors are final; no lenient retry. What
@@ -326,6 +328,7 @@ pub(crate) fn parse_request<'h, 'b>(
     let mut host = None;
     let mut hosts = 0;
     let mut browser = false;
+    let mut close = false;
     let mut expect = Expect::None;
     let mut facts = Facts::default();
     for h in headers {
@@ -352,6 +355,7 @@ pub(crate) fn parse_request<'h, 'b>(
             if !interpreted(value) || !list_items(value).all(is_token) {
                 return Err(Refusal::BadRequest("invalid Connection header"));
             }
+            close |= list_items(value).any(|o| o.eq_ignore_ascii_case(b"close"));
         } else if is("expect") {
             // RFC 9110 §10.1.1: only a single 100-continue is understood.
             expect = if expect == Expect::None && value.eq_ignore_ascii_case(b"100-continue") {
@@ -382,13 +386,13 @@ pub(crate) fn parse_request<'h, 'b>(
         browser,
         host,
         trace: method == "TRACE",
-        close: facts.close,
+        close,
         expect,
         framing: body_framing(Side::Request, &facts),
     })
 }
 
-/// What a head says about its body and connection, collected field by field.
+/// What a head says about its body, collected field by field.
 #[derive(Debug, Default)]
 struct Facts {
     lengths: u32,
@@ -402,13 +406,10 @@ struct Facts {
     /// A response without a body whatever its fields say (RFC 9112 §6.3
     /// rule 1: to HEAD, 1xx, 204, 304).
     bodiless: bool,
-    /// A `Connection` field lists `close` (RFC 9112 §9.6).
-    close: bool,
 }
 
 impl Facts {
-    /// Notes `name: value`; true if it is a framing field, which says
-    /// nothing else.
+    /// Notes `name: value` if it is a framing field; false for any other.
     fn note(&mut self, name: &str, value: &[u8]) -> bool {
         if name.eq_ignore_ascii_case("content-length") {
             self.lengths = self.lengths.saturating_add(1);
@@ -417,8 +418,6 @@ impl Facts {
             self.codings = self.codings.saturating_add(1);
             self.chunked = value.eq_ignore_ascii_case(b"chunked");
         } else {
-            let close = |o: &[u8]| o.eq_ignore_ascii_case(b"close");
-            self.close |= name.eq_ignore_ascii_case("connection") && list_items(value).any(close);
             return false;
         }
         true
@@ -486,19 +485,17 @@ fn check_target(target: &str) -> Result<usize, Refusal> {
             return Err(Refusal::BadRequest("encoded slash or backslash in path"));
         }
     }
-    for segment in path.split(|&b| b == b'/') {
-        // Cut at `;` (path parameters some servers strip) before deciding.
-        let segment = segment.split(|&b| b == b';').next().unwrap_or_default();
-        if is_dot_segment(segment) {
-            return Err(Refusal::BadRequest("dot segment in path"));
-        }
+    if path.split(|&b| b == b'/').any(is_dot_segment) {
+        return Err(Refusal::BadRequest("dot segment in path"));
     }
     Ok(path_len)
 }
 
-/// `.` or `..`, each dot possibly written `%2e`/`%2E`.
+/// `.` or `..`, each dot possibly written `%2e`/`%2E`, once cut at `;`
+/// (path parameters, which some servers strip before deciding).
 fn is_dot_segment(segment: &[u8]) -> bool {
     const DOTS: [&[u8]; 6] = [b".", b"..", b"%2e", b".%2e", b"%2e.", b"%2e%2e"];
+    let segment = segment.split(|&b| b == b';').next().unwrap_or_default();
     DOTS.iter().any(|dots| segment.eq_ignore_ascii_case(dots))
 }
 
@@ -529,18 +526,15 @@ fn valid_host(host: &[u8]) -> bool {
 /// Is this `Host` one a sandbox sends? DNS rebinding, a browser's way to
 /// reach loopback, needs a domain name that is not in this list.
 pub(crate) fn host_is_local(host: &[u8], allowed: &[String]) -> bool {
-    // A bracketed literal (checked by `valid_host`) is an IP address.
-    if host.first() == Some(&b'[') {
-        return true;
-    }
     let name = host.split(|&b| b == b':').next().unwrap_or_default();
-    let Ok(name) = std::str::from_utf8(name) else {
-        return false;
-    };
-    name.parse::<std::net::Ipv4Addr>().is_ok()
-        || name.eq_ignore_ascii_case("localhost")
-        || name.eq_ignore_ascii_case("host.docker.internal")
-        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+    // A bracketed literal (checked by `valid_host`) is an IP address.
+    host.starts_with(b"[")
+        || std::str::from_utf8(name).is_ok_and(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+        || name.eq_ignore_ascii_case(b"localhost")
+        || name.eq_ignore_ascii_case(b"host.docker.internal")
+        || allowed
+            .iter()
+            .any(|a| a.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// RFC 9110 §8.6: `1*DIGIT`, checked first (`str::parse` accepts `+5`), that
@@ -613,6 +607,8 @@ pub(crate) fn parse_response<'h, 'b>(
     }
     let reason = res.reason.unwrap_or_default().as_bytes();
     let headers: &'h [httparse::Header<'b>] = res.headers;
+    // HTTP/1.0 closes unless told otherwise, and keyhole never asks.
+    let mut close = version == 0;
     let mut facts = Facts {
         http10: version == 0,
         bodiless: request_was_head || status < 200 || status == 204 || status == 304,
@@ -620,7 +616,10 @@ pub(crate) fn parse_response<'h, 'b>(
     };
     for h in headers {
         // RFC 9110 §5.5: httparse has already refused control bytes, as for requests.
-        facts.note(h.name, trim(h.value));
+        let value = trim(h.value);
+        if !facts.note(h.name, value) && h.name.eq_ignore_ascii_case("connection") {
+            close |= list_items(value).any(|o| o.eq_ignore_ascii_case(b"close"));
+        }
     }
     let framing = body_framing(Side::Response, &facts)?;
     Ok(ResponseHead {
@@ -628,8 +627,7 @@ pub(crate) fn parse_response<'h, 'b>(
         reason,
         headers,
         framing,
-        // HTTP/1.0 closes unless told otherwise, and keyhole never asks.
-        close: facts.close || facts.http10 || framing == Framing::UntilClose,
+        close: close || framing == Framing::UntilClose,
         length: facts.length,
     })
 }
