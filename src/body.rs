@@ -185,16 +185,15 @@ impl Reframer {
         self.usage.as_ref().map(|o| o.scan.usage())
     }
 
-    /// Charges the usage seen to the budget, once: called when the body is
-    /// complete, before its last bytes are written (so that the client's
-    /// next request finds the budget charged), or when the relay stops.
+    /// Charges the usage seen to the budget, once: as soon as the body is
+    /// complete (`done`), before its last bytes are written, so that the
+    /// client's next request finds the budget charged; or when the relay stops.
     pub(crate) fn settle(&mut self) {
-        let Some(observer) = &mut self.usage else {
-            return;
-        };
-        let usage = observer.scan.usage();
-        if let Some(budget) = observer.charge.take().filter(|_| usage.seen()) {
-            budget.charge(usage.tokens_in(), usage.tokens_out());
+        if let Some(observer) = &mut self.usage {
+            let usage = observer.scan.usage();
+            if let Some(budget) = observer.charge.take().filter(|_| usage.seen()) {
+                budget.charge(usage.tokens_in(), usage.tokens_out());
+            }
         }
     }
 
@@ -212,6 +211,12 @@ impl Reframer {
         (take, remaining - take as u64)
     }
 
+    /// The state of a body just completed, whose usage is charged at once.
+    fn done(&mut self) -> State {
+        self.settle();
+        State::Done
+    }
+
     /// Has the whole body been consumed?
     pub(crate) fn is_done(&self) -> bool {
         self.state == State::Done
@@ -227,7 +232,7 @@ impl Reframer {
     pub(crate) fn finish_at_close(&mut self, out: &mut Vec<u8>) -> bool {
         if self.state == State::UntilClose {
             out.extend_from_slice(b"0\r\n\r\n");
-            self.state = State::Done;
+            self.state = self.done();
         }
         self.is_done()
     }
@@ -240,7 +245,7 @@ impl Reframer {
             State::Length(n) => {
                 let (take, left) = self.payload_run(n, input);
                 self.state = match left {
-                    0 => State::Done,
+                    0 => self.done(),
                     left => State::Length(left),
                 };
                 Some(take)
@@ -277,7 +282,7 @@ impl Reframer {
                 _ => (self.step(chunk, byte, out)?, 1),
             };
             self.state = match next {
-                Chunk::Done => State::Done,
+                Chunk::Done => self.done(),
                 _ => State::Chunked(next),
             };
             i += used;

@@ -124,12 +124,8 @@ impl HeadScan {
             match b {
                 // A line ending: taken as a pair, so any LF met on its own is bare.
                 b'\r' => {
-                    match self.part {
-                        Part::LineStart | Part::Value => {}
-                        Part::Name => {
-                            return Err(Refusal::BadRequest("field line without a colon"))
-                        }
-                        part => request_line_end(part, &head[..i])?,
+                    if !matches!(self.part, Part::LineStart | Part::Value) {
+                        line_end(self.part, &head[..i])?;
                     }
                     let empty = i == 0 || head[..i].ends_with(b"\r\n");
                     match head.get(i + 1) {
@@ -212,11 +208,13 @@ fn request_line(part: Part, b: u8) -> Result<Part, Refusal> {
     }
 }
 
-/// A request line ends (`line`: up to its CR). Its version is decided first,
-/// HTTP/1.1 only (RFC 9110 §15.6.6; 1.0 too is refused, for the smallest
-/// surface); a line that is not `method SP target SP HTTP/d.d` is malformed.
-fn request_line_end(part: Part, line: &[u8]) -> Result<(), Refusal> {
+/// A request line or a field name ends (`line`: up to its CR). A request
+/// line's version is decided first, HTTP/1.1 only (RFC 9110 §15.6.6; 1.0
+/// too is refused, for the smallest surface); a line that is not `method SP
+/// target SP HTTP/d.d` is malformed.
+fn line_end(part: Part, line: &[u8]) -> Result<(), Refusal> {
     match part {
+        Part::Name => Err(Refusal::BadRequest("field line without a colon")),
         Part::Version(8) if line.ends_with(b"1.1") => Ok(()),
         Part::Version(8) => Err(Refusal::VersionNotSupported),
         _ => Err(Refusal::BadRequest("malformed request line")),
@@ -304,7 +302,7 @@ pub(crate) fn parse_request<'h, 'b>(
     let part = line
         .iter()
         .try_fold(Part::LineStart, |part, &b| request_line(part, b))?;
-    request_line_end(part, line)?;
+    line_end(part, line)?;
     let mut req = httparse::Request::new(&mut []);
     // RFC 9112 §5: httparse's own errors are final; no lenient retry. What
     // it refuses (obs-fold, whitespace before the colon, bad tokens, control

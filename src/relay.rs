@@ -97,7 +97,7 @@ thread_local! {
 impl PooledBuf {
     /// An empty buffer with `BUF_SIZE` capacity, from the pool if one is spare.
     pub(crate) fn take() -> PooledBuf {
-        let spare = SPARE.with(|spare| spare.borrow_mut().pop());
+        let spare = SPARE.with_borrow_mut(Vec::pop);
         PooledBuf(spare.unwrap_or_else(|| Vec::with_capacity(BUF_SIZE)))
     }
 
@@ -123,17 +123,14 @@ impl std::ops::DerefMut for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         // Only standard buffers: one grown for a large head is let go.
-        if self.0.capacity() != BUF_SIZE {
-            return;
+        if self.0.capacity() == BUF_SIZE {
+            self.0.clear();
+            SPARE.with_borrow_mut(|spare| {
+                if spare.len() < SPARE_BUFFERS {
+                    spare.push(std::mem::take(&mut self.0));
+                }
+            });
         }
-        let mut buf = std::mem::take(&mut self.0);
-        buf.clear();
-        SPARE.with(|spare| {
-            let mut spare = spare.borrow_mut();
-            if spare.len() < SPARE_BUFFERS {
-                spare.push(buf);
-            }
-        });
     }
 }
 
@@ -301,9 +298,6 @@ where
             // Plain bodies go straight from the read buffer to the socket.
             if out.is_empty() {
                 if let Some(n) = body.passthrough(input.data()) {
-                    if body.is_done() {
-                        body.settle();
-                    }
                     write_all(dst, &input.data()[..n], idle).await?;
                     input.consume(n);
                 }
@@ -314,9 +308,6 @@ where
             if max_payload.is_some_and(|max| body.payload() > max) {
                 return Err(PumpError::TooLarge);
             }
-        }
-        if body.is_done() {
-            body.settle();
         }
         if !out.is_empty() {
             write_all(dst, out, idle).await?;
