@@ -36,21 +36,15 @@ pub(crate) const MAX_TRAILER_LINES: u32 = 100;
 /// leading zeros too keeps a size line's length bounded.
 const MAX_SIZE_DIGITS: u8 = 16;
 
-/// Why a body's framing was refused.
+/// Why a body's framing was refused: bad chunk framing, or chunk extensions
+/// or trailers over their budget; the fixed text names what was wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BodyError {
-    /// Bad chunk framing; the text names what was wrong.
-    Chunk(&'static str),
-    /// Chunk extensions or trailers over their budget.
-    TooLarge(&'static str),
-}
+pub(crate) struct BodyError(&'static str);
 
 impl BodyError {
     /// The fixed text for this error.
     pub(crate) fn reason(self) -> &'static str {
-        match self {
-            BodyError::Chunk(why) | BodyError::TooLarge(why) => why,
-        }
+        self.0
     }
 }
 
@@ -368,18 +362,13 @@ impl Reframer {
         }
         self.trailer_lines += u32::from(to == Chunk::Trailer(Trailer::Lf));
         if self.extension_bytes > MAX_EXTENSION_BYTES {
-            return Err(BodyError::TooLarge("chunk extensions too large"));
+            return Err(bad("chunk extensions too large"));
         }
         if self.trailer_bytes > MAX_TRAILER_BYTES || self.trailer_lines > MAX_TRAILER_LINES {
-            return Err(BodyError::TooLarge("trailers too large"));
+            return Err(bad("trailers too large"));
         }
         Ok(())
     }
-}
-
-/// A refusal of bad chunk framing.
-fn bad(why: &'static str) -> BodyError {
-    BodyError::Chunk(why)
 }
 
 /// HTAB, SP, VCHAR or obs-text: the bytes of RFC 9110 §5.6.4's quoted-pair
@@ -465,6 +454,11 @@ fn trailer(at: Trailer, byte: u8, out: &mut Vec<u8>) -> Result<Chunk, BodyError>
         T::EndLf => return Err(bad("chunked body not ended by CRLF")),
     };
     Ok(Chunk::Trailer(next))
+}
+
+/// A refusal of a body's framing.
+fn bad(why: &'static str) -> BodyError {
+    BodyError(why)
 }
 
 /// Appends a canonical chunk size line: lowercase hex, no leading zeros.
