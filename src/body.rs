@@ -195,9 +195,7 @@ impl Reframer {
     /// to go has there: counts it and shows it to the usage scanner. Returns
     /// its length, and how many bytes are still to go.
     fn payload_run(&mut self, remaining: u64, input: &[u8]) -> (usize, u64) {
-        let take = input
-            .len()
-            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let take = input.len().min(remaining.try_into().unwrap_or(usize::MAX));
         self.payload += take as u64;
         if let Some(observer) = &mut self.usage {
             observer.scan.feed(&input[..take]);

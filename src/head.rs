@@ -10,7 +10,7 @@
 use std::io::Write as _;
 use std::mem::MaybeUninit;
 
-use crate::config::{is_tchar, is_token, HEADER_ARRAY_LEN};
+use crate::config::{is_control, is_tchar, is_token, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
 
 /// How a message body is delimited (RFC 9112 §6).
@@ -222,20 +222,14 @@ fn line_end(part: Part, line: &[u8]) -> Result<(), Refusal> {
 }
 
 /// Where the first control byte of `bytes` is (its length if none): eight
-/// bytes at a time, as most are visible.
+/// bytes at a time, as most are visible, then byte by byte from the first
+/// eight that hold one.
 fn first_control(bytes: &[u8]) -> usize {
-    let mut i = 0;
-    while let Some(word) = bytes.get(i..i + 8).and_then(|w| w.try_into().ok()) {
-        let marked = controls(u64::from_le_bytes(word));
-        if marked != 0 {
-            return i + (marked.trailing_zeros() / 8) as usize;
-        }
-        i += 8;
-    }
-    i + bytes[i..]
-        .iter()
-        .position(|&b| b < b' ' || b == 0x7f)
-        .unwrap_or(bytes.len() - i)
+    let words = bytes.chunks_exact(8).flat_map(<[u8; 8]>::try_from);
+    let clean = words.take_while(|&w| controls(u64::from_le_bytes(w)) == 0);
+    let start = 8 * clean.count();
+    let rest = bytes[start..].iter();
+    start + rest.take_while(|&&b| !is_control(b)).count()
 }
 
 /// The high bit of each of the eight bytes that may be a control byte (below
