@@ -154,14 +154,13 @@ enum State {
 impl Reframer {
     /// A reframer for a body with this framing.
     pub(crate) fn new(framing: Framing) -> Reframer {
-        let state = match framing {
-            Framing::Empty | Framing::Length(0) => State::Done,
-            Framing::Length(n) => State::Length(n),
-            Framing::Chunked => State::Chunked(Chunk::Size { digits: 0 }),
-            Framing::UntilClose => State::UntilClose,
-        };
         Reframer {
-            state,
+            state: match framing {
+                Framing::Empty | Framing::Length(0) => State::Done,
+                Framing::Length(n) => State::Length(n),
+                Framing::Chunked => State::Chunked(Chunk::Size { digits: 0 }),
+                Framing::UntilClose => State::UntilClose,
+            },
             ..Reframer::default()
         }
     }
@@ -257,14 +256,13 @@ impl Reframer {
         }
         // A close-delimited response is relayed as chunked, so that if the
         // upstream's stream is cut short the client sees no terminator and
-        // cannot take the truncated body for a complete one.
-        if self.state == State::UntilClose {
-            if !input.is_empty() {
-                write_size(out, input.len() as u64);
-                out.extend_from_slice(input);
-                out.extend_from_slice(b"\r\n");
-                self.payload_run(u64::MAX, input);
-            }
+        // cannot take the truncated body for a complete one. (No input makes
+        // no chunk: the loop below takes nothing from a body not chunked.)
+        if self.state == State::UntilClose && !input.is_empty() {
+            write_size(out, input.len() as u64);
+            out.extend_from_slice(input);
+            out.extend_from_slice(b"\r\n");
+            self.payload_run(u64::MAX, input);
             return Ok(input.len());
         }
         let mut i = 0;

@@ -41,7 +41,7 @@ pub(crate) enum Side {
 /// however the head is split across reads; and where it goes wrong: at the
 /// first byte that no valid head could go on with, not when it ends (a bad
 /// head may never end, and waiting for it only helps a slow attacker).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct HeadScan {
     /// The part each line starts in: a response's lines are only checked
     /// for control bytes.
@@ -54,9 +54,10 @@ pub(crate) struct HeadScan {
 }
 
 /// Where in its line the next byte of a head falls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Part {
     /// No byte of this line yet.
+    #[default]
     LineStart,
     /// A request line: its method, then its target (`TargetStart`: none of
     /// it yet), then the first `n` bytes of its version.
@@ -88,10 +89,8 @@ impl HeadScan {
         };
         HeadScan {
             fresh,
-            pos: 0,
             part: fresh,
-            lines: 0,
-            leading_empty_line: false,
+            ..HeadScan::default()
         }
     }
 
@@ -336,15 +335,15 @@ pub(crate) fn parse_request<'h, 'b>(
             continue;
         }
         // obs-text (RFC 9110 §5.5) is relayed as it is where keyhole does not
-        // look, and refused where it does: it means nothing defined there.
-        let interpreted = |v: &[u8]| v.is_ascii();
+        // look, and refused where it does (`is_ascii` below): it means
+        // nothing defined there.
         let is = |name: &str| h.name.eq_ignore_ascii_case(name);
         if is("host") {
             hosts += 1;
             host = Some(value);
         } else if is("connection") {
             // RFC 9110 §7.6.1: a list of tokens.
-            if !interpreted(value) || !list_items(value).all(is_token) {
+            if !value.is_ascii() || !list_items(value).all(is_token) {
                 return Err(Refusal::BadRequest("invalid Connection header"));
             }
             close |= list_items(value).any(|o| o.eq_ignore_ascii_case(b"close"));
@@ -358,7 +357,7 @@ pub(crate) fn parse_request<'h, 'b>(
         } else if is("origin") || is("sec-fetch-site") {
             // Sent by browsers only: a web page is trying to use the key.
             browser = true;
-        } else if (is("x-api-key") || is("authorization")) && !interpreted(value) {
+        } else if (is("x-api-key") || is("authorization")) && !value.is_ascii() {
             return Err(Refusal::BadRequest("invalid credential header"));
         }
     }
@@ -597,7 +596,6 @@ pub(crate) fn parse_response<'h, 'b>(
     if status == 101 {
         return Err(Refusal::BadGateway("upstream switched protocols"));
     }
-    let reason = res.reason.unwrap_or_default().as_bytes();
     let headers: &'h [httparse::Header<'b>] = res.headers;
     // HTTP/1.0 closes unless told otherwise, and keyhole never asks.
     let mut close = version == 0;
@@ -616,7 +614,7 @@ pub(crate) fn parse_response<'h, 'b>(
     let framing = body_framing(Side::Response, &facts)?;
     Ok(ResponseHead {
         status,
-        reason,
+        reason: res.reason.unwrap_or_default().as_bytes(),
         headers,
         framing,
         close: close || framing == Framing::UntilClose,
@@ -668,9 +666,8 @@ pub(crate) fn is_nominated(headers: &[httparse::Header<'_>], name: &str) -> bool
 pub(crate) fn write_response_head(out: &mut Vec<u8>, res: &ResponseHead<'_, '_>) {
     // Writing into a `Vec` cannot fail.
     let _ = write!(out, "HTTP/1.1 {} ", res.status);
-    for part in [res.reason, b"\r\n"] {
-        out.extend_from_slice(part);
-    }
+    out.extend_from_slice(res.reason);
+    out.extend_from_slice(b"\r\n");
     let nominates = nominates_others(res.headers);
     for h in res.headers {
         // keyhole's own `keyhole-error` marks only its own answers.

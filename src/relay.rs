@@ -54,9 +54,9 @@ impl InBuf {
 
     /// Gives the buffer up if nothing is pending (before an idle wait).
     pub(crate) fn release(&mut self) {
+        // `consume` has set the position back to 0 already.
         if self.is_empty() {
             self.buf = PooledBuf::empty();
-            self.pos = 0;
         }
     }
 
@@ -256,9 +256,8 @@ pub(crate) async fn write_pair<W: AsyncWrite + Unpin>(
 ) -> Result<(), PumpError> {
     let mut slices = [io::IoSlice::new(first), io::IoSlice::new(second)];
     let mut rest = &mut slices[..];
-    // Drops the empty slices in front: an empty pair writes nothing.
-    io::IoSlice::advance_slices(&mut rest, 0);
-    while !rest.is_empty() {
+    // An empty pair writes nothing.
+    while rest.iter().any(|slice| !slice.is_empty()) {
         match sink(within(idle, dst.write_vectored(rest)).await)? {
             0 => return Err(PumpError::SinkIo),
             n => io::IoSlice::advance_slices(&mut rest, n),
@@ -294,25 +293,23 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
-        if !input.is_empty() && !body.is_done() {
-            // Plain bodies go straight from the read buffer to the socket.
-            if out.is_empty() {
-                if let Some(n) = body.passthrough(input.data()) {
-                    write_all(dst, &input.data()[..n], idle).await?;
-                    input.consume(n);
-                }
-            }
-            // What is left (none of a plain body) is re-framed into `out`.
-            let n = body.feed(input.data(), out).map_err(PumpError::Framing)?;
-            input.consume(n);
-            if max_payload.is_some_and(|max| body.payload() > max) {
-                return Err(PumpError::TooLarge);
+        // Plain bodies go straight from the read buffer to the socket. With
+        // no input, or once the body is done, nothing is taken and nothing
+        // written (an empty write is no write at all).
+        if out.is_empty() {
+            if let Some(n) = body.passthrough(input.data()) {
+                write_all(dst, &input.data()[..n], idle).await?;
+                input.consume(n);
             }
         }
-        if !out.is_empty() {
-            write_all(dst, out, idle).await?;
-            out.clear();
+        // What is left (none of a plain body) is re-framed into `out`.
+        let n = body.feed(input.data(), out).map_err(PumpError::Framing)?;
+        input.consume(n);
+        if max_payload.is_some_and(|max| body.payload() > max) {
+            return Err(PumpError::TooLarge);
         }
+        write_all(dst, out, idle).await?;
+        out.clear();
         flush(dst, idle).await?;
         if body.is_done() {
             return Ok(());
