@@ -16,6 +16,7 @@
 
 use crate::config::{is_control, is_tchar};
 use crate::head::Framing;
+use std::io::Write as _;
 use std::sync::Arc;
 
 use crate::budget::Budget;
@@ -35,21 +36,15 @@ pub(crate) const MAX_TRAILER_LINES: u32 = 100;
 /// leading zeros too keeps a size line's length bounded.
 const MAX_SIZE_DIGITS: u8 = 16;
 
-/// Why a body's framing was refused.
+/// Why a body's framing was refused: bad chunk framing, or chunk extensions
+/// or trailers over their budget; the fixed text names what was wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BodyError {
-    /// Bad chunk framing; the text names what was wrong.
-    Chunk(&'static str),
-    /// Chunk extensions or trailers over their budget.
-    TooLarge(&'static str),
-}
+pub(crate) struct BodyError(&'static str);
 
 impl BodyError {
     /// The fixed text for this error.
     pub(crate) fn reason(self) -> &'static str {
-        match self {
-            BodyError::Chunk(why) | BodyError::TooLarge(why) => why,
-        }
+        self.0
     }
 }
 
@@ -159,14 +154,13 @@ enum State {
 impl Reframer {
     /// A reframer for a body with this framing.
     pub(crate) fn new(framing: Framing) -> Reframer {
-        let state = match framing {
-            Framing::Empty | Framing::Length(0) => State::Done,
-            Framing::Length(n) => State::Length(n),
-            Framing::Chunked => State::Chunked(Chunk::Size { digits: 0 }),
-            Framing::UntilClose => State::UntilClose,
-        };
         Reframer {
-            state,
+            state: match framing {
+                Framing::Empty | Framing::Length(0) => State::Done,
+                Framing::Length(n) => State::Length(n),
+                Framing::Chunked => State::Chunked(Chunk::Size { digits: 0 }),
+                Framing::UntilClose => State::UntilClose,
+            },
             ..Reframer::default()
         }
     }
@@ -184,25 +178,34 @@ impl Reframer {
         self.usage.as_ref().map(|o| o.scan.usage())
     }
 
-    /// Charges the usage seen to the budget, once: called when the body is
-    /// complete, before its last bytes are written (so that the client's
-    /// next request finds the budget charged), or when the relay stops.
+    /// Charges the usage seen to the budget, once: as soon as the body is
+    /// complete (`done`), before its last bytes are written, so that the
+    /// client's next request finds the budget charged; or when the relay stops.
     pub(crate) fn settle(&mut self) {
-        let Some(observer) = &mut self.usage else {
-            return;
-        };
-        let usage = observer.scan.usage();
-        if let Some(budget) = observer.charge.take().filter(|_| usage.seen()) {
-            budget.charge(usage.tokens_in(), usage.tokens_out());
+        if let Some(observer) = &mut self.usage {
+            let usage = observer.scan.usage();
+            if let Some(budget) = observer.charge.take().filter(|_| usage.seen()) {
+                budget.charge(usage.tokens_in(), usage.tokens_out());
+            }
         }
     }
 
-    /// Counts a run of payload bytes, and shows it to the usage scanner.
-    fn payload_run(&mut self, bytes: &[u8]) {
-        self.payload += bytes.len() as u64;
+    /// Takes the leading run of `input` that a body with `remaining` bytes
+    /// to go has there: counts it and shows it to the usage scanner. Returns
+    /// its length, and how many bytes are still to go.
+    fn payload_run(&mut self, remaining: u64, input: &[u8]) -> (usize, u64) {
+        let take = input.len().min(remaining.try_into().unwrap_or(usize::MAX));
+        self.payload += take as u64;
         if let Some(observer) = &mut self.usage {
-            observer.scan.feed(bytes);
+            observer.scan.feed(&input[..take]);
         }
+        (take, remaining - take as u64)
+    }
+
+    /// The state of a body just completed, whose usage is charged at once.
+    fn done(&mut self) -> State {
+        self.settle();
+        State::Done
     }
 
     /// Has the whole body been consumed?
@@ -220,7 +223,7 @@ impl Reframer {
     pub(crate) fn finish_at_close(&mut self, out: &mut Vec<u8>) -> bool {
         if self.state == State::UntilClose {
             out.extend_from_slice(b"0\r\n\r\n");
-            self.state = State::Done;
+            self.state = self.done();
         }
         self.is_done()
     }
@@ -229,20 +232,18 @@ impl Reframer {
     /// pass through unchanged, so the caller may forward them straight from
     /// its buffer. `None` for bodies keyhole frames itself.
     pub(crate) fn passthrough(&mut self, input: &[u8]) -> Option<usize> {
-        let take = match self.state {
+        match self.state {
             State::Length(n) => {
-                let take = run(n, input.len());
-                self.state = match n - take as u64 {
-                    0 => State::Done,
+                let (take, left) = self.payload_run(n, input);
+                self.state = match left {
+                    0 => self.done(),
                     left => State::Length(left),
                 };
-                take
+                Some(take)
             }
-            State::Done => 0,
-            State::Chunked(_) | State::UntilClose => return None,
-        };
-        self.payload_run(&input[..take]);
-        Some(take)
+            State::Done => Some(0),
+            State::Chunked(_) | State::UntilClose => None,
+        }
     }
 
     /// Consumes a prefix of `input`, appending what is forwarded to `out`.
@@ -255,14 +256,13 @@ impl Reframer {
         }
         // A close-delimited response is relayed as chunked, so that if the
         // upstream's stream is cut short the client sees no terminator and
-        // cannot take the truncated body for a complete one.
-        if self.state == State::UntilClose {
-            if !input.is_empty() {
-                write_size(out, input.len() as u64);
-                out.extend_from_slice(input);
-                out.extend_from_slice(b"\r\n");
-                self.payload_run(input);
-            }
+        // cannot take the truncated body for a complete one. (No input makes
+        // no chunk: the loop below takes nothing from a body not chunked.)
+        if self.state == State::UntilClose && !input.is_empty() {
+            write_size(out, input.len() as u64);
+            out.extend_from_slice(input);
+            out.extend_from_slice(b"\r\n");
+            self.payload_run(u64::MAX, input);
             return Ok(input.len());
         }
         let mut i = 0;
@@ -272,7 +272,7 @@ impl Reframer {
                 _ => (self.step(chunk, byte, out)?, 1),
             };
             self.state = match next {
-                Chunk::Done => State::Done,
+                Chunk::Done => self.done(),
                 _ => State::Chunked(next),
             };
             i += used;
@@ -304,7 +304,8 @@ impl Reframer {
 
     /// A byte of a size line before any extension. RFC 9112 §7.1:
     /// `chunk-size = 1*HEXDIG`, so an empty size, a sign, `0x` or leading
-    /// whitespace is refused; checked arithmetic refuses what a u64 cannot hold.
+    /// whitespace is refused; at most `MAX_SIZE_DIGITS` digits, which a u64
+    /// always holds.
     fn size(&mut self, digits: u8, byte: u8) -> Result<Chunk, BodyError> {
         let Some(value) = char::from(byte).to_digit(16) else {
             return match digits {
@@ -315,11 +316,7 @@ impl Reframer {
         if digits == MAX_SIZE_DIGITS {
             return Err(bad("chunk size too long"));
         }
-        self.size = self
-            .size
-            .checked_mul(16)
-            .and_then(|s| s.checked_add(u64::from(value)))
-            .ok_or(bad("chunk size overflows"))?;
+        self.size = (self.size << 4) | u64::from(value);
         Ok(Chunk::Size { digits: digits + 1 })
     }
 
@@ -341,10 +338,9 @@ impl Reframer {
     /// As much of a chunk's data as `input` holds, copied as one run; and
     /// how many bytes that took.
     fn data(&mut self, remaining: u64, input: &[u8], out: &mut Vec<u8>) -> (Chunk, usize) {
-        let take = run(remaining, input.len());
+        let (take, left) = self.payload_run(remaining, input);
         out.extend_from_slice(&input[..take]);
-        self.payload_run(&input[..take]);
-        match remaining - take as u64 {
+        match left {
             0 => (Chunk::DataCr, take),
             left => (Chunk::Data { remaining: left }, take),
         }
@@ -362,23 +358,13 @@ impl Reframer {
         }
         self.trailer_lines += u32::from(to == Chunk::Trailer(Trailer::Lf));
         if self.extension_bytes > MAX_EXTENSION_BYTES {
-            return Err(BodyError::TooLarge("chunk extensions too large"));
+            return Err(bad("chunk extensions too large"));
         }
         if self.trailer_bytes > MAX_TRAILER_BYTES || self.trailer_lines > MAX_TRAILER_LINES {
-            return Err(BodyError::TooLarge("trailers too large"));
+            return Err(bad("trailers too large"));
         }
         Ok(())
     }
-}
-
-/// A refusal of bad chunk framing.
-fn bad(why: &'static str) -> BodyError {
-    BodyError::Chunk(why)
-}
-
-/// How much of `available` input a body with `remaining` bytes to go takes.
-fn run(remaining: u64, available: usize) -> usize {
-    available.min(usize::try_from(remaining).unwrap_or(usize::MAX))
 }
 
 /// HTAB, SP, VCHAR or obs-text: the bytes of RFC 9110 §5.6.4's quoted-pair
@@ -466,13 +452,15 @@ fn trailer(at: Trailer, byte: u8, out: &mut Vec<u8>) -> Result<Chunk, BodyError>
     Ok(Chunk::Trailer(next))
 }
 
+/// A refusal of a body's framing.
+fn bad(why: &'static str) -> BodyError {
+    BodyError(why)
+}
+
 /// Appends a canonical chunk size line: lowercase hex, no leading zeros.
 fn write_size(out: &mut Vec<u8>, size: u64) {
-    let digits = (u64::BITS - size.leading_zeros()).div_ceil(4).max(1);
-    for digit in (0..digits).rev() {
-        out.push(b"0123456789abcdef"[((size >> (digit * 4)) & 15) as usize]);
-    }
-    out.extend_from_slice(b"\r\n");
+    // Writing into a `Vec` cannot fail.
+    let _ = write!(out, "{size:x}\r\n");
 }
 
 #[cfg(test)]

@@ -7,9 +7,10 @@
 //! keyhole is stricter than the RFC.
 //! Pure functions over bytes: no IO, no clocks.
 
+use std::io::Write as _;
 use std::mem::MaybeUninit;
 
-use crate::config::{is_tchar, is_token, HEADER_ARRAY_LEN};
+use crate::config::{is_control, is_tchar, is_token, HEADER_ARRAY_LEN};
 use crate::error::Refusal;
 
 /// How a message body is delimited (RFC 9112 §6).
@@ -40,7 +41,7 @@ pub(crate) enum Side {
 /// however the head is split across reads; and where it goes wrong: at the
 /// first byte that no valid head could go on with, not when it ends (a bad
 /// head may never end, and waiting for it only helps a slow attacker).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct HeadScan {
     /// The part each line starts in: a response's lines are only checked
     /// for control bytes.
@@ -53,9 +54,10 @@ pub(crate) struct HeadScan {
 }
 
 /// Where in its line the next byte of a head falls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Part {
     /// No byte of this line yet.
+    #[default]
     LineStart,
     /// A request line: its method, then its target (`TargetStart`: none of
     /// it yet), then the first `n` bytes of its version.
@@ -66,8 +68,7 @@ enum Part {
     /// A request's field name, before its colon.
     Name,
     /// Where only control bytes are refused: a request's field value, a
-    /// response's lines (the rest is left to httparse, 502 either way), the
-    /// rest of a line already found valid whole.
+    /// response's lines (the rest is left to httparse, 502 either way).
     Value,
 }
 
@@ -88,10 +89,8 @@ impl HeadScan {
         };
         HeadScan {
             fresh,
-            pos: 0,
             part: fresh,
-            lines: 0,
-            leading_empty_line: false,
+            ..HeadScan::default()
         }
     }
 
@@ -111,35 +110,21 @@ impl HeadScan {
         let head = &buf[..buf.len().min(max_bytes)];
         let mut i = self.pos;
         while i < head.len() {
-            if self.part == Part::Value {
-                i += first_control(&head[i..]);
-            } else if self.part == Part::LineStart {
-                // Most lines of a request arrive whole and valid: checked in
-                // one go up to their CR. One not all there yet, or wrong, goes
-                // byte by byte (`next`), which also says what is wrong.
-                let end = i + first_control(&head[i..]);
-                let line = &head[i..end];
-                let valid = if self.lines == 0 {
-                    check_request_line(line).is_ok()
-                } else {
-                    let name = line.iter().position(|&b| !is_tchar(b));
-                    name.is_some_and(|colon| colon > 0 && line[colon] == b':')
-                };
-                if valid && head.get(end) == Some(&b'\r') {
-                    self.part = Part::Value;
-                    i = end;
-                }
-            }
+            // Most bytes leave their part as it is, and are skipped in runs;
+            // the others go one by one (`next`), which says what is wrong.
+            let rest = &head[i..];
+            i += match self.part {
+                Part::Value => first_control(rest),
+                Part::Method | Part::Name => rest.iter().take_while(|&&b| is_tchar(b)).count(),
+                Part::Target => rest.iter().take_while(|b| b.is_ascii_graphic()).count(),
+                _ => 0,
+            };
             let Some(&b) = head.get(i) else { break };
             match b {
                 // A line ending: taken as a pair, so any LF met on its own is bare.
                 b'\r' => {
-                    match self.part {
-                        Part::LineStart | Part::Value => {}
-                        Part::Name => {
-                            return Err(Refusal::BadRequest("field line without a colon"))
-                        }
-                        part => request_line_end(part, &head[..i])?,
+                    if !matches!(self.part, Part::LineStart | Part::Value) {
+                        line_end(self.part, &head[..i])?;
                     }
                     let empty = i == 0 || head[..i].ends_with(b"\r\n");
                     match head.get(i + 1) {
@@ -222,50 +207,28 @@ fn request_line(part: Part, b: u8) -> Result<Part, Refusal> {
     }
 }
 
-/// A request line ends (`line`: up to its CR). Its version is decided first,
-/// HTTP/1.1 only (RFC 9110 §15.6.6; 1.0 too is refused, for the smallest
-/// surface); a line that is not `method SP target SP HTTP/d.d` is malformed.
-fn request_line_end(part: Part, line: &[u8]) -> Result<(), Refusal> {
+/// A request line or a field name ends (`line`: up to its CR). A request
+/// line's version is decided first, HTTP/1.1 only (RFC 9110 §15.6.6; 1.0
+/// too is refused, for the smallest surface); a line that is not `method SP
+/// target SP HTTP/d.d` is malformed.
+fn line_end(part: Part, line: &[u8]) -> Result<(), Refusal> {
     match part {
+        Part::Name => Err(Refusal::BadRequest("field line without a colon")),
         Part::Version(8) if line.ends_with(b"1.1") => Ok(()),
         Part::Version(8) => Err(Refusal::VersionNotSupported),
         _ => Err(Refusal::BadRequest("malformed request line")),
     }
 }
 
-/// A whole request line (up to its CR) by `request_line`, over the runs of
-/// bytes that leave a method or target as it is in one go.
-fn check_request_line(line: &[u8]) -> Result<(), Refusal> {
-    let (mut part, mut rest) = (Part::LineStart, line);
-    while let Some((&b, tail)) = rest.split_first() {
-        part = request_line(part, b)?;
-        let run = match part {
-            Part::Method => tail.iter().position(|&b| !is_tchar(b)),
-            Part::Target => tail.iter().position(|b| !(b'!'..=b'~').contains(b)),
-            // How nearly every request line ends.
-            Part::Version(0) if tail == b"HTTP/1.1" => return Ok(()),
-            _ => Some(0),
-        };
-        rest = &tail[run.unwrap_or(tail.len())..];
-    }
-    request_line_end(part, line)
-}
-
 /// Where the first control byte of `bytes` is (its length if none): eight
-/// bytes at a time, as most are visible.
+/// bytes at a time, as most are visible, then byte by byte from the first
+/// eight that hold one.
 fn first_control(bytes: &[u8]) -> usize {
-    let mut i = 0;
-    while let Some(word) = bytes.get(i..i + 8).and_then(|w| w.try_into().ok()) {
-        let marked = controls(u64::from_le_bytes(word));
-        if marked != 0 {
-            return i + (marked.trailing_zeros() / 8) as usize;
-        }
-        i += 8;
-    }
-    i + bytes[i..]
-        .iter()
-        .position(|&b| b < b' ' || b == 0x7f)
-        .unwrap_or(bytes.len() - i)
+    let words = bytes.chunks_exact(8).flat_map(<[u8; 8]>::try_from);
+    let clean = words.take_while(|&w| controls(u64::from_le_bytes(w)) == 0);
+    let start = 8 * clean.count();
+    let rest = bytes[start..].iter();
+    start + rest.take_while(|&&b| !is_control(b)).count()
 }
 
 /// The high bit of each of the eight bytes that may be a control byte (below
@@ -314,12 +277,9 @@ impl RequestHead<'_, '_> {
     }
 }
 
-/// Room for httparse's headers, left uninitialised: filling 256 empty
+/// Fresh room for httparse's headers, left uninitialised: filling 256 empty
 /// headers (8 KiB) twice per request cost more than parsing the heads.
-pub(crate) type HeaderSlots<'b> = [MaybeUninit<httparse::Header<'b>>; HEADER_ARRAY_LEN];
-
-/// Fresh header slots for httparse.
-pub(crate) fn header_array<'b>() -> HeaderSlots<'b> {
+pub(crate) fn header_array<'b>() -> [MaybeUninit<httparse::Header<'b>>; HEADER_ARRAY_LEN] {
     [const { MaybeUninit::uninit() }; HEADER_ARRAY_LEN]
 }
 
@@ -331,15 +291,20 @@ pub(crate) fn parse_request<'h, 'b>(
     // The request line by the scan's own rules (the version first, 505),
     // so a head gets the same answer whichever of the two refuses it.
     let line = head.strip_prefix(b"\r\n").unwrap_or(head);
-    check_request_line(&line[..line.iter().position(|&b| b == b'\r').unwrap_or(line.len())])?;
+    let line = &line[..line.iter().position(|&b| b == b'\r').unwrap_or(line.len())];
+    let part = line
+        .iter()
+        .try_fold(Part::LineStart, |part, &b| request_line(part, b))?;
+    line_end(part, line)?;
     let mut req = httparse::Request::new(&mut []);
-    // RFC 9112 §5: httparse's own errors (obs-fold, whitespace before the
-    // colon, bad tokens, control bytes) are final; no lenient retry.
+    // RFC 9112 §5: httparse's own errors are final; no lenient retry. What
+    // it refuses (obs-fold, whitespace before the colon, bad tokens, control
+    // bytes) `HeadScan` has refused already, with its own reason, in every
+    // head it found the end of: only a head that was not scanned gets here.
     match req.parse_with_uninit_headers(head, storage) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        Ok(_) => return Err(Refusal::BadRequest("incomplete request head")),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadTooLarge),
-        Err(err) => return Err(Refusal::BadRequest(httparse_reason(err))),
+        Ok(_) | Err(_) => return Err(Refusal::BadRequest("malformed request head")),
     }
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Err(Refusal::VersionNotSupported);
@@ -370,15 +335,15 @@ pub(crate) fn parse_request<'h, 'b>(
             continue;
         }
         // obs-text (RFC 9110 §5.5) is relayed as it is where keyhole does not
-        // look, and refused where it does: it means nothing defined there.
-        let interpreted = |v: &[u8]| v.is_ascii();
+        // look, and refused where it does (`is_ascii` below): it means
+        // nothing defined there.
         let is = |name: &str| h.name.eq_ignore_ascii_case(name);
         if is("host") {
             hosts += 1;
             host = Some(value);
         } else if is("connection") {
             // RFC 9110 §7.6.1: a list of tokens.
-            if !interpreted(value) || !list_items(value).all(is_token) {
+            if !value.is_ascii() || !list_items(value).all(is_token) {
                 return Err(Refusal::BadRequest("invalid Connection header"));
             }
             close |= list_items(value).any(|o| o.eq_ignore_ascii_case(b"close"));
@@ -392,7 +357,7 @@ pub(crate) fn parse_request<'h, 'b>(
         } else if is("origin") || is("sec-fetch-site") {
             // Sent by browsers only: a web page is trying to use the key.
             browser = true;
-        } else if (is("x-api-key") || is("authorization")) && !interpreted(value) {
+        } else if (is("x-api-key") || is("authorization")) && !value.is_ascii() {
             return Err(Refusal::BadRequest("invalid credential header"));
         }
     }
@@ -492,7 +457,7 @@ fn check_target(target: &str) -> Result<usize, Refusal> {
     if bytes.starts_with(b"//") {
         return Err(Refusal::BadRequest("request target starts with //"));
     }
-    // Visible ASCII only, as `check_request_line` has made sure; and no
+    // Visible ASCII only, as `request_line` has made sure; and no
     // fragment, for which origin-form has no room (RFC 9112 §3.2.1).
     if bytes.contains(&b'#') {
         return Err(Refusal::BadRequest("fragment in request target"));
@@ -511,36 +476,33 @@ fn check_target(target: &str) -> Result<usize, Refusal> {
             return Err(Refusal::BadRequest("encoded slash or backslash in path"));
         }
     }
-    for segment in path.split(|&b| b == b'/') {
-        // Cut at `;` (path parameters some servers strip) before deciding.
-        let segment = segment.split(|&b| b == b';').next().unwrap_or_default();
-        if is_dot_segment(segment) {
-            return Err(Refusal::BadRequest("dot segment in path"));
-        }
+    if path.split(|&b| b == b'/').any(is_dot_segment) {
+        return Err(Refusal::BadRequest("dot segment in path"));
     }
     Ok(path_len)
 }
 
-/// `.` or `..`, each dot possibly written `%2e`/`%2E`.
+/// `.` or `..`, each dot possibly written `%2e`/`%2E`, once cut at `;`
+/// (path parameters, which some servers strip before deciding).
 fn is_dot_segment(segment: &[u8]) -> bool {
     const DOTS: [&[u8]; 6] = [b".", b"..", b"%2e", b".%2e", b"%2e.", b"%2e%2e"];
+    let segment = segment.split(|&b| b == b';').next().unwrap_or_default();
     DOTS.iter().any(|dots| segment.eq_ignore_ascii_case(dots))
 }
 
 /// RFC 9110 §7.2: `uri-host [":" port]`, host an IP literal in brackets or
 /// a reg-name (RFC 3986 §3.2.2).
 fn valid_host(host: &[u8]) -> bool {
-    // An unclosed bracket leaves the name empty.
-    let name_len = if host.first() == Some(&b'[') {
-        host.iter()
-            .position(|&b| b == b']')
-            .map_or(0, |end| end + 1)
-    } else {
-        host.iter().position(|&b| b == b':').unwrap_or(host.len())
+    // An IP literal ends at its bracket (an unclosed one is no name), a
+    // reg-name at the port's colon.
+    let name_len = match host.first() {
+        Some(b'[') => host.iter().position(|&b| b == b']').map(|end| end + 1),
+        _ => host.iter().position(|&b| b == b':'),
     };
-    let (name, port) = match host.split_at(name_len) {
-        (name, []) => (name, &[][..]),
-        (name, [b':', port @ ..]) => (name, port),
+    let (name, port) = host.split_at(name_len.unwrap_or(host.len()));
+    let port = match port {
+        [b':', port @ ..] => port,
+        [] => port,
         _ => return false,
     };
     let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
@@ -555,18 +517,15 @@ fn valid_host(host: &[u8]) -> bool {
 /// Is this `Host` one a sandbox sends? DNS rebinding, a browser's way to
 /// reach loopback, needs a domain name that is not in this list.
 pub(crate) fn host_is_local(host: &[u8], allowed: &[String]) -> bool {
-    // A bracketed literal (checked by `valid_host`) is an IP address.
-    if host.first() == Some(&b'[') {
-        return true;
-    }
     let name = host.split(|&b| b == b':').next().unwrap_or_default();
-    let Ok(name) = std::str::from_utf8(name) else {
-        return false;
-    };
-    name.parse::<std::net::Ipv4Addr>().is_ok()
-        || name.eq_ignore_ascii_case("localhost")
-        || name.eq_ignore_ascii_case("host.docker.internal")
-        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+    // A bracketed literal (checked by `valid_host`) is an IP address.
+    host.starts_with(b"[")
+        || std::str::from_utf8(name).is_ok_and(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+        || name.eq_ignore_ascii_case(b"localhost")
+        || name.eq_ignore_ascii_case(b"host.docker.internal")
+        || allowed
+            .iter()
+            .any(|a| a.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// RFC 9110 §8.6: `1*DIGIT`, checked first (`str::parse` accepts `+5`), that
@@ -592,18 +551,6 @@ pub(crate) fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|&b| b == b',')
         .map(trim)
         .filter(|item| !item.is_empty())
-}
-
-fn httparse_reason(err: httparse::Error) -> &'static str {
-    match err {
-        httparse::Error::HeaderName => "invalid header name",
-        httparse::Error::HeaderValue => "invalid header value",
-        httparse::Error::NewLine => "invalid line ending",
-        httparse::Error::Status => "invalid status",
-        httparse::Error::Token => "invalid token in request line",
-        httparse::Error::TooManyHeaders => "too many headers",
-        httparse::Error::Version => "invalid version",
-    }
 }
 
 /// Most interim (1xx) responses accepted before the final one: RFC 9110
@@ -649,8 +596,8 @@ pub(crate) fn parse_response<'h, 'b>(
     if status == 101 {
         return Err(Refusal::BadGateway("upstream switched protocols"));
     }
-    let reason = res.reason.unwrap_or_default().as_bytes();
     let headers: &'h [httparse::Header<'b>] = res.headers;
+    // HTTP/1.0 closes unless told otherwise, and keyhole never asks.
     let mut close = version == 0;
     let mut facts = Facts {
         http10: version == 0,
@@ -667,7 +614,7 @@ pub(crate) fn parse_response<'h, 'b>(
     let framing = body_framing(Side::Response, &facts)?;
     Ok(ResponseHead {
         status,
-        reason,
+        reason: res.reason.unwrap_or_default().as_bytes(),
         headers,
         framing,
         close: close || framing == Framing::UntilClose,
@@ -717,11 +664,10 @@ pub(crate) fn is_nominated(headers: &[httparse::Header<'_>], name: &str) -> bool
 /// status line, end-to-end headers byte for byte, its own framing fields.
 /// The caller adds its connection field and the final CRLF.
 pub(crate) fn write_response_head(out: &mut Vec<u8>, res: &ResponseHead<'_, '_>) {
-    let mut digits = [0; 20];
-    let status = decimal(res.status.into(), &mut digits);
-    for part in [b"HTTP/1.1 ", status, b" ", res.reason, b"\r\n"] {
-        out.extend_from_slice(part);
-    }
+    // Writing into a `Vec` cannot fail.
+    let _ = write!(out, "HTTP/1.1 {} ", res.status);
+    out.extend_from_slice(res.reason);
+    out.extend_from_slice(b"\r\n");
     let nominates = nominates_others(res.headers);
     for h in res.headers {
         // keyhole's own `keyhole-error` marks only its own answers.
@@ -748,7 +694,8 @@ pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 pub(crate) fn push_framing(out: &mut Vec<u8>, framing: Framing, bodiless_length: Option<u64>) {
     match (framing, bodiless_length) {
         (Framing::Length(n), _) | (Framing::Empty, Some(n)) => {
-            push_field(out, b"content-length", decimal(n, &mut [0; 20]));
+            // Writing into a `Vec` cannot fail.
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         // A close-delimited body is re-framed as chunked (see `Reframer::feed`).
         (Framing::Chunked | Framing::UntilClose, _) => {
@@ -756,20 +703,6 @@ pub(crate) fn push_framing(out: &mut Vec<u8>, framing: Framing, bodiless_length:
         }
         (Framing::Empty, None) => {}
     }
-}
-
-/// `n` in decimal ASCII digits, written into `digits`.
-pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &digits[i..]
 }
 
 #[cfg(test)]

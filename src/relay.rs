@@ -28,7 +28,7 @@ const MIN_READ: usize = 4 * 1024;
 /// and released, so idle keep-alive connections cost almost nothing.
 #[derive(Debug, Default)]
 pub(crate) struct InBuf {
-    buf: Vec<u8>,
+    buf: PooledBuf,
     pos: usize,
 }
 
@@ -54,9 +54,9 @@ impl InBuf {
 
     /// Gives the buffer up if nothing is pending (before an idle wait).
     pub(crate) fn release(&mut self) {
+        // `consume` has set the position back to 0 already.
         if self.is_empty() {
-            give_back(std::mem::take(&mut self.buf));
-            self.pos = 0;
+            self.buf = PooledBuf::empty();
         }
     }
 
@@ -66,36 +66,39 @@ impl InBuf {
         src: &mut R,
     ) -> io::Result<usize> {
         if self.buf.capacity() == 0 {
-            self.buf = take_buffer();
+            self.buf = PooledBuf::take();
         }
-        if self.buf.capacity() - self.buf.len() < MIN_READ {
-            if self.pos > 0 {
-                self.buf.drain(..self.pos);
-                self.pos = 0;
-            }
-            if self.buf.capacity() - self.buf.len() < MIN_READ {
-                self.buf.reserve(BUF_SIZE.max(self.buf.len()));
+        let buf = &mut self.buf.0;
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.drain(..std::mem::take(&mut self.pos));
+            if buf.capacity() - buf.len() < MIN_READ {
+                buf.reserve(BUF_SIZE.max(buf.len()));
             }
         }
-        src.read_buf(&mut self.buf).await
+        src.read_buf(buf).await
     }
 }
 
-impl Drop for InBuf {
-    fn drop(&mut self) {
-        give_back(std::mem::take(&mut self.buf));
-    }
-}
-
-/// A buffer from the per-thread pool (see `take_buffer`), returned to it when
-/// dropped: for the response head and the body bytes that leave with it,
-/// which are too large for the allocator's fast path.
+/// A buffer from the per-thread pool (`SPARE`), returned to it when
+/// dropped: for reading, for the response head and the body bytes that
+/// leave with it, which are too large for the allocator's fast path.
+#[derive(Debug, Default)]
 pub(crate) struct PooledBuf(Vec<u8>);
+
+/// Read buffers kept per thread for reuse. Allocating and freeing a buffer per
+/// request makes the allocator grow and trim the heap each time: two
+/// syscalls and a run of fresh zeroed pages per request.
+const SPARE_BUFFERS: usize = 64;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 impl PooledBuf {
     /// An empty buffer with `BUF_SIZE` capacity, from the pool if one is spare.
     pub(crate) fn take() -> PooledBuf {
-        PooledBuf(take_buffer())
+        let spare = SPARE.with_borrow_mut(Vec::pop);
+        PooledBuf(spare.unwrap_or_else(|| Vec::with_capacity(BUF_SIZE)))
     }
 
     /// A buffer without memory, for a body that needs none.
@@ -119,37 +122,16 @@ impl std::ops::DerefMut for PooledBuf {
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        give_back(std::mem::take(&mut self.0));
-    }
-}
-
-/// Read buffers kept per thread for reuse. Allocating and freeing a buffer per
-/// request makes the allocator grow and trim the heap each time: two
-/// syscalls and a run of fresh zeroed pages per request.
-const SPARE_BUFFERS: usize = 64;
-
-thread_local! {
-    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn take_buffer() -> Vec<u8> {
-    SPARE
-        .with(|spare| spare.borrow_mut().pop())
-        .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
-}
-
-fn give_back(mut buf: Vec<u8>) {
-    // Only standard buffers: one grown for a large head is let go.
-    if buf.capacity() != BUF_SIZE {
-        return;
-    }
-    buf.clear();
-    SPARE.with(|spare| {
-        let mut spare = spare.borrow_mut();
-        if spare.len() < SPARE_BUFFERS {
-            spare.push(buf);
+        // Only standard buffers: one grown for a large head is let go.
+        if self.0.capacity() == BUF_SIZE {
+            self.0.clear();
+            SPARE.with_borrow_mut(|spare| {
+                if spare.len() < SPARE_BUFFERS {
+                    spare.push(std::mem::take(&mut self.0));
+                }
+            });
         }
-    });
+    }
 }
 
 /// Why reading a head stopped without one.
@@ -174,19 +156,12 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin>(
 ) -> Result<usize, HeadError> {
     let mut scan = HeadScan::new(side);
     loop {
-        if !input.is_empty() {
-            match scan
-                .scan(input.data(), max_bytes, max_lines)
-                .map_err(HeadError::Invalid)?
-            {
-                Scan::Complete(n) => return Ok(n),
-                Scan::Partial => {}
-            }
+        let scanned = scan.scan(input.data(), max_bytes, max_lines);
+        if let Scan::Complete(n) = scanned.map_err(HeadError::Invalid)? {
+            return Ok(n);
         }
-        match input.read_from(src).await {
-            Ok(0) => return Err(HeadError::Closed),
-            Ok(_) => {}
-            Err(_) => return Err(HeadError::Io),
+        if input.read_from(src).await.map_err(|_| HeadError::Io)? == 0 {
+            return Err(HeadError::Closed);
         }
     }
 }
@@ -208,10 +183,7 @@ pub(crate) async fn timeout_in_steps<F: Future>(
     let deadline = start + limit;
     let mut future = pin!(future);
     let mut now = start;
-    loop {
-        if now >= deadline {
-            return None;
-        }
+    while now < deadline {
         timer.as_mut().reset(deadline.min(now + step));
         tokio::select! {
             biased;
@@ -220,6 +192,7 @@ pub(crate) async fn timeout_in_steps<F: Future>(
         }
         now = Instant::now();
     }
+    None
 }
 
 /// Awaits `future` for at most `idle`, reading the clock and arming a timer
@@ -281,17 +254,13 @@ pub(crate) async fn write_pair<W: AsyncWrite + Unpin>(
     second: &[u8],
     idle: Duration,
 ) -> Result<(), PumpError> {
-    let total = first.len() + second.len();
-    let mut sent = 0;
-    while sent < total {
-        let (a, b) = match first.get(sent..) {
-            Some(rest) if !rest.is_empty() => (rest, second),
-            _ => (&second[sent - first.len()..], &[][..]),
-        };
-        let slices = [io::IoSlice::new(a), io::IoSlice::new(b)];
-        match sink(within(idle, dst.write_vectored(&slices)).await)? {
+    let mut slices = [io::IoSlice::new(first), io::IoSlice::new(second)];
+    let mut rest = &mut slices[..];
+    // An empty pair writes nothing.
+    while rest.iter().any(|slice| !slice.is_empty()) {
+        match sink(within(idle, dst.write_vectored(rest)).await)? {
             0 => return Err(PumpError::SinkIo),
-            n => sent += n,
+            n => io::IoSlice::advance_slices(&mut rest, n),
         }
     }
     Ok(())
@@ -324,32 +293,23 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
-        if !input.is_empty() && !body.is_done() {
-            // Plain bodies go straight from the read buffer to the socket.
-            if out.is_empty() {
-                if let Some(n) = body.passthrough(input.data()) {
-                    if body.is_done() {
-                        body.settle();
-                    }
-                    write_all(dst, &input.data()[..n], idle).await?;
-                    input.consume(n);
-                }
-            }
-            if !input.is_empty() && !body.is_done() {
-                let n = body.feed(input.data(), out).map_err(PumpError::Framing)?;
+        // Plain bodies go straight from the read buffer to the socket. With
+        // no input, or once the body is done, nothing is taken and nothing
+        // written (an empty write is no write at all).
+        if out.is_empty() {
+            if let Some(n) = body.passthrough(input.data()) {
+                write_all(dst, &input.data()[..n], idle).await?;
                 input.consume(n);
             }
-            if max_payload.is_some_and(|max| body.payload() > max) {
-                return Err(PumpError::TooLarge);
-            }
         }
-        if body.is_done() {
-            body.settle();
+        // What is left (none of a plain body) is re-framed into `out`.
+        let n = body.feed(input.data(), out).map_err(PumpError::Framing)?;
+        input.consume(n);
+        if max_payload.is_some_and(|max| body.payload() > max) {
+            return Err(PumpError::TooLarge);
         }
-        if !out.is_empty() {
-            write_all(dst, out, idle).await?;
-            out.clear();
-        }
+        write_all(dst, out, idle).await?;
+        out.clear();
         flush(dst, idle).await?;
         if body.is_done() {
             return Ok(());
@@ -357,15 +317,9 @@ where
         match within(idle, input.read_from(src)).await {
             None => return Err(PumpError::SourceTimeout),
             Some(Err(_)) => return Err(PumpError::SourceIo),
-            Some(Ok(0)) => {
-                if !body.finish_at_close(out) {
-                    return Err(PumpError::SourceClosed);
-                }
-                body.settle();
-                write_all(dst, out, idle).await?;
-                out.clear();
-                return flush(dst, idle).await;
-            }
+            // A clean close may complete the body: its last bytes leave,
+            // and the pump returns, on the next turn.
+            Some(Ok(0)) if !body.finish_at_close(out) => return Err(PumpError::SourceClosed),
             Some(Ok(_)) => {}
         }
     }
