@@ -11,6 +11,8 @@
 #                                part between the bench markers is replaced)
 #   --keep                       keep the temp dir (configs, logs, results.json)
 #   --without-keyhole            skip keyhole (for working on the harness itself)
+#   BENCH_HOOK='python3 bench/concurrency.py'
+#                                run that on the set-up instead of measuring
 #   KEYHOLE_EXTRA_ARGS='--max-tokens-per-hour 1000000000'
 #                                extra keyhole options (e.g. a token budget on,
 #                                so every response body is scanned for usage)
@@ -28,7 +30,7 @@ for arg in "$@"; do
     --write) WRITE=1 ;;
     --keep) KEEP=1 ;;
     --without-keyhole) WITH_KEYHOLE=0 ;;  # only for working on the harness itself
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown option: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -335,6 +337,12 @@ json.dump({
   "benchmarks_md": "$REPO/BENCHMARKS.md",
 }, open(sys.argv[1], "w"), indent=1)
 EOF
+if [[ -n ${BENCH_HOOK:-} ]]; then
+  # Another measurement on the same set-up (e.g. bench/concurrency.py).
+  log "running $BENCH_HOOK"
+  (cd "$REPO" && $BENCH_HOOK "$TMP/config.json")
+  exit 0
+fi
 log "measuring ($ROUNDS rounds)"
 python3 "$DRIVER" measure --config "$TMP/config.json"
 log "done"
