@@ -25,8 +25,9 @@ Layouts (same treatment for every proxy):
   quota     warm, the proxy limited to 40% of CPU 0 (cgroup CPU quota), so
             that the proxy, not CPU 1, is the bottleneck: capacity per CPU
 
-Prints one table per layout and writes everything to results-concurrency.json
-in the bench temp dir.
+LAYOUTS='warm quota' limits the run to those layouts. Prints one table per
+layout and writes everything to results-concurrency.json in the bench temp
+dir.
 """
 
 import json
@@ -41,8 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import driver  # noqa: E402  (bench/driver.py: wrk parsing, /proc readers)
 
 REPEATS = 3
-QUOTA = 0.40
-CGROUP = "/sys/fs/cgroup/cpu/keyhole-bench"
+QUOTA = driver.CAP
 
 
 def cpu_times():
@@ -90,35 +90,16 @@ def pin(pids, cpu):
                        capture_output=True)
 
 
-def quota(pids, fraction):
-    """Puts the proxy's threads under a CPU quota (cgroup v1 cpu), or lifts it."""
-    os.makedirs(CGROUP, exist_ok=True)
-    with open(f"{CGROUP}/cpu.cfs_period_us", "w") as f:
-        f.write("100000")
-    with open(f"{CGROUP}/cpu.cfs_quota_us", "w") as f:
-        f.write(str(int(fraction * 100000)) if fraction else "-1")
-    for p in pids:
-        for t in os.listdir(f"/proc/{p}/task"):
-            with open(f"{CGROUP}/tasks", "w") as f:
-                f.write(t)
-
-
-def unquota(pids):
-    root = "/sys/fs/cgroup/cpu"
-    for p in pids:
-        for t in os.listdir(f"/proc/{p}/task"):
-            try:
-                with open(f"{root}/tasks", "w") as f:
-                    f.write(t)
-            except OSError:
-                pass
-
-
 def wrk(url, conns, secs, latency, cpu):
     cmd = ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{conns}", f"-d{secs}s",
            "--timeout", "10s"] + (["--latency"] if latency else []) + [url]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    res = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(out)
+    res = {"wrk_cpu": usage.ru_utime + usage.ru_stime, "wrk_sleeps": usage.ru_nvcsw,
+           "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
            "requests": int(re.search(r"(\d+) requests in", out).group(1))}
     m = re.search(r"\s50%\s+(\S+)", out)
     res["p50"] = driver._ms(m.group(1)) if m else None
@@ -127,12 +108,14 @@ def wrk(url, conns, secs, latency, cpu):
     return res
 
 
-def measure(system, url, pids, up_port, conns, secs, latency, load_cpu):
+def measure(system, url, pids, up_port, conns, secs, latency, load_cpu, upstream):
     c0, s0 = driver.cpu_seconds(pids), driver.sleeps(pids)
+    uc0, us0 = driver.cpu_seconds(upstream), driver.sleeps(upstream)
     t0, i0, g0 = cpu_times(), ipis(), tcp_out_segs()
     u0 = upstream_conns(pids, up_port)
     r = wrk(url, conns, secs, latency, load_cpu)
     c1, s1 = driver.cpu_seconds(pids), driver.sleeps(pids)
+    uc1, us1 = driver.cpu_seconds(upstream), driver.sleeps(upstream)
     t1, i1, g1 = cpu_times(), ipis(), tcp_out_segs()
     n = r["requests"]
     busy = {c: (t1[c][0] - t0[c][0]) / max(1, t1[c][1] - t0[c][1]) for c in t0}
@@ -140,6 +123,10 @@ def measure(system, url, pids, up_port, conns, secs, latency, load_cpu):
         "rps": r["rps"], "p50": r["p50"],
         "cpu_us_per_req": (c1 - c0) / n * 1e6,
         "sleeps_per_req": (s1 - s0) / n,
+        # The load core's other two processes: what the proxy's traffic costs them.
+        "wrk_cpu_us_per_req": r["wrk_cpu"] / n * 1e6, "wrk_sleeps_per_req": r["wrk_sleeps"] / n,
+        "upstream_cpu_us_per_req": (uc1 - uc0) / n * 1e6,
+        "upstream_sleeps_per_req": (us1 - us0) / n,
         "busy_cpu0": busy[0], "busy_cpu1": busy[1],
         "ipi_per_req_cpu0": (i1[0] - i0[0]) / n, "ipi_per_req_cpu1": (i1[1] - i0[1]) / n,
         "segs_per_req": (g1 - g0) / n,
@@ -156,7 +143,9 @@ LAYOUTS = [
     ("quota", 0, 1, 3, True, True, QUOTA),
 ]
 
-METRICS = ["rps", "p50", "cpu_us_per_req", "sleeps_per_req", "busy_cpu0", "busy_cpu1",
+METRICS = ["rps", "p50", "cpu_us_per_req", "sleeps_per_req", "wrk_cpu_us_per_req",
+           "wrk_sleeps_per_req", "upstream_cpu_us_per_req", "upstream_sleeps_per_req",
+           "busy_cpu0", "busy_cpu1",
            "ipi_per_req_cpu0", "ipi_per_req_cpu1", "segs_per_req",
            "upstream_conns_before", "upstream_conns_after"]
 
@@ -173,7 +162,10 @@ def main():
     results = {}
     for s in systems:  # warm everything once
         wrk(f"http://127.0.0.1:{port[s]}/small", 64, 1, False, 1)
+    only = os.environ.get("LAYOUTS", "").split()
     for name, proxy_cpu, load_cpu, secs, latency, warm, share in LAYOUTS:
+        if only and name not in only:
+            continue
         if cfg["quick"]:
             secs = min(secs, 2)
         print(f"layout {name}", file=sys.stderr, flush=True)
@@ -181,19 +173,20 @@ def main():
         pin(upstream_pids, load_cpu)
         for s in systems:
             pin(pids[s], proxy_cpu)
-            if share:
-                quota(pids[s], share)
+            if share and not driver.cpu_cap(pids[s], share):
+                raise SystemExit("no CPU quota on this machine (cgroup cpu)")
         for conns in (16, 64):
             for _ in range(repeats):
                 for s in systems:
                     url = f"http://127.0.0.1:{port[s]}/small"
                     if warm:
                         wrk(url, conns, 1, False, load_cpu)
-                    m = measure(s, url, pids[s], up, conns, secs, latency, load_cpu)
+                    m = measure(s, url, pids[s], up, conns, secs, latency, load_cpu,
+                                upstream_pids)
                     results.setdefault(name, {}).setdefault(conns, {}).setdefault(s, []).append(m)
         for s in systems:
             if share:
-                unquota(pids[s])
+                driver.cpu_cap(pids[s], None)
             pin(pids[s], 0)
         pin(upstream_pids, 1)
     json.dump(results, open(f"{tmp}/results-concurrency.json", "w"), indent=1)

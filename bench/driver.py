@@ -259,6 +259,39 @@ def pin_to(cpu):
     os.sched_setaffinity(0, {cpu})
 
 
+CAP = 0.40  # share of one core each proxy gets in the capacity rows
+
+
+def cpu_cap(pids, fraction):
+    """Puts the proxy's processes in a cgroup limited to `fraction` of a core
+    (cgroup v1 `cpu` or v2 `cpu.max`), or with `fraction` None back in the
+    root group. False if this machine does not allow it."""
+    v1, v2 = "/sys/fs/cgroup/cpu", "/sys/fs/cgroup"
+    try:
+        if os.path.isdir(v1):
+            root = v1
+            group = os.path.join(v1, "keyhole-bench")
+            os.makedirs(group, exist_ok=True)
+            with open(os.path.join(group, "cpu.cfs_period_us"), "w") as f:
+                f.write("100000")
+            with open(os.path.join(group, "cpu.cfs_quota_us"), "w") as f:
+                f.write(str(int(fraction * 100000)) if fraction else "-1")
+        else:
+            root = v2
+            group = os.path.join(v2, "keyhole-bench")
+            with open(os.path.join(v2, "cgroup.subtree_control"), "w") as f:
+                f.write("+cpu")
+            os.makedirs(group, exist_ok=True)
+            with open(os.path.join(group, "cpu.max"), "w") as f:
+                f.write(f"{int(fraction * 100000)} 100000" if fraction else "max 100000")
+        for p in pids:
+            with open(os.path.join(group if fraction else root, "cgroup.procs"), "w") as f:
+                f.write(str(p))
+        return True
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------
 # load generators
 # --------------------------------------------------------------------------
@@ -534,7 +567,7 @@ def cmd_measure(a):
         run_curl([base(s) + "/big"], headers=hdr, cacert=ca)
 
     tests = [
-        ("ka1", 1), ("ka16", 16), ("ka64", 64), ("close", 16),
+        ("ka1", 1), ("ka16", 16), ("ka64", 64), ("kaq16", 16), ("kaq64", 64), ("close", 16),
         ("dl_cl", None), ("dl_chunked", None), ("ul_cl", None), ("ul_chunked", None),
         ("sse", None),
     ]
@@ -543,7 +576,17 @@ def cmd_measure(a):
         for test, conns in tests:
             for s in SYSTEMS:  # interleaved: A B C D for each test, every round
                 hdr = key_hdr if s == "direct" else []
-                if test.startswith("ka") or test == "close":
+                if test.startswith("kaq"):
+                    # Capacity: each proxy held to the same share of a core,
+                    # so that the proxy, not the load core, is the bottleneck.
+                    if s == "direct" or not cpu_cap(pids[s], CAP):
+                        continue
+                    try:
+                        r = run_wrk(base(s) + "/small", conns, dur, [])
+                    finally:
+                        cpu_cap(pids[s], None)
+                    rec(f"rps_{test}", s, r["rps"])
+                elif test.startswith("ka") or test == "close":
                     h = hdr + (["Connection: close"] if test == "close" else [])
                     r, cpu = measured(s, lambda: run_wrk(base(s) + "/small", conns, dur, h))
                     rec(f"rps_{test}", s, r["rps"])
@@ -642,6 +685,8 @@ ROWS = [
     ("rps_ka64", "keep-alive 64 conns: requests/s", "{:.0f}", "higher", ("nginx", 0.95)),
     ("p50_ka64", "keep-alive 64 conns: p50 latency (ms)", "{:.3f}", "lower", None),
     ("p99_ka64", "keep-alive 64 conns: p99 latency (ms)", "{:.3f}", "lower", None),
+    ("rps_kaq16", f"keep-alive 16 conns, proxy held to {CAP:.0%} of a core: requests/s", "{:.0f}", "higher", None),
+    ("rps_kaq64", f"keep-alive 64 conns, proxy held to {CAP:.0%} of a core: requests/s", "{:.0f}", "higher", None),
     ("rps_close", "new connection per request (16 conns): requests/s", "{:.0f}", "higher", None),
     ("mbps_dl_cl", "64 MiB download, Content-Length: MB/s", "{:.0f}", "higher", ("nginx", 1.0)),
     ("mbps_dl_chunked", "64 MiB download, chunked: MB/s", "{:.0f}", "higher", ("nginx", 1.0)),
