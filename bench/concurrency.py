@@ -108,16 +108,53 @@ def wrk(url, conns, secs, latency, cpu):
     return res
 
 
+PERF_EVENTS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_epoll_wait",
+               "syscalls:sys_enter_epoll_pwait", "context-switches", "irq:softirq_entry",
+               "sched:sched_wakeup"]
+
+
+def perf_start(path):
+    """Counts, per CPU, system calls, epoll waits, context switches, softirqs
+    and wake-ups while the run lasts (perf stat -a -A; None without perf)."""
+    try:
+        return subprocess.Popen(["perf", "stat", "-a", "-A", "-x,", "-o", path,
+                                 "-e", ",".join(PERF_EVENTS)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def perf_stop(proc, path, n):
+    if proc is None:
+        return {}
+    proc.send_signal(2)
+    proc.wait()
+    out = {}
+    for line in open(path):
+        f = line.strip().split(",")
+        if len(f) > 3 and f[0].startswith("CPU") and f[1].isdigit():
+            name = f[3].split(":")[-1].replace("sys_enter_", "").replace("sys_enter", "syscalls")
+            if name in ("epoll_pwait",):
+                name = "epoll_wait"
+            key = f"{name}_per_req_{f[0].lower()}"
+            out[key] = out.get(key, 0) + int(f[1]) / n
+    return out
+
+
 def measure(system, url, pids, up_port, conns, secs, latency, load_cpu, upstream):
     c0, s0 = driver.cpu_seconds(pids), driver.sleeps(pids)
     uc0, us0 = driver.cpu_seconds(upstream), driver.sleeps(upstream)
     t0, i0, g0 = cpu_times(), ipis(), tcp_out_segs()
     u0 = upstream_conns(pids, up_port)
+    perf_out = f"/tmp/keyhole-bench-perf-{os.getpid()}.csv"
+    perf = perf_start(perf_out)
+    time.sleep(0.1)  # perf's counters armed before the load starts
     r = wrk(url, conns, secs, latency, load_cpu)
     c1, s1 = driver.cpu_seconds(pids), driver.sleeps(pids)
     uc1, us1 = driver.cpu_seconds(upstream), driver.sleeps(upstream)
     t1, i1, g1 = cpu_times(), ipis(), tcp_out_segs()
     n = r["requests"]
+    counts = perf_stop(perf, perf_out, n)
     busy = {c: (t1[c][0] - t0[c][0]) / max(1, t1[c][1] - t0[c][1]) for c in t0}
     return {
         "rps": r["rps"], "p50": r["p50"],
@@ -131,6 +168,7 @@ def measure(system, url, pids, up_port, conns, secs, latency, load_cpu, upstream
         "ipi_per_req_cpu0": (i1[0] - i0[0]) / n, "ipi_per_req_cpu1": (i1[1] - i0[1]) / n,
         "segs_per_req": (g1 - g0) / n,
         "upstream_conns_before": u0, "upstream_conns_after": upstream_conns(pids, up_port),
+        **counts,
     }
 
 
@@ -195,7 +233,9 @@ def main():
         for conns, by_sys in by_conns.items():
             print(f"{conns} connections | " + " | ".join(systems))
             print("---|" + "|".join("--:" for _ in systems))
-            for metric in METRICS:
+            perf_keys = sorted({k for m in by_sys[systems[0]] for k in m if "_per_req_cpu" in k
+                                and not k.startswith("ipi")})
+            for metric in METRICS + perf_keys:
                 vals = []
                 for s in systems:
                     xs = [m[metric] for m in by_sys[s] if m[metric] is not None]
