@@ -130,6 +130,8 @@ struct Sink {
     scratch: String,
     /// `--log-format json`: one JSON object per line instead.
     json: bool,
+    /// The second the last timestamp was worked out for, and its text.
+    stamp: (u64, [u8; 27]),
 }
 
 impl LogLines {
@@ -141,6 +143,7 @@ impl LogLines {
             line: Vec::new(),
             scratch: String::new(),
             json,
+            stamp: (u64::MAX, [0; 27]),
         };
         let sink = Arc::new(Mutex::new(sink));
         let log = LogLines { max_level, sink };
@@ -187,12 +190,12 @@ impl tracing::Subscriber for LogLines {
         line.clear();
         if sink.json {
             line.extend_from_slice(b"{\"ts\":\"");
-            line.extend_from_slice(&timestamp());
+            line.extend_from_slice(&timestamp(&mut sink.stamp));
             line.extend_from_slice(b"\",\"level\":\"");
             line.extend_from_slice(level.as_bytes());
             line.push(b'"');
         } else {
-            line.extend_from_slice(&timestamp());
+            line.extend_from_slice(&timestamp(&mut sink.stamp));
             // Right-aligned in six columns: ` ERROR`, `  INFO`.
             line.extend_from_slice(&b"  "[..6 - level.len()]);
             line.extend_from_slice(level.as_bytes());
@@ -209,28 +212,36 @@ impl tracing::Subscriber for LogLines {
 }
 
 /// The current UTC time as `2026-11-25T16:03:28.245123Z`, written with
-/// fixed-width digits (`write!` padding was most of a log line's cost).
-fn timestamp() -> [u8; 27] {
+/// fixed-width digits (`write!` padding was most of a log line's cost); the
+/// date and time of day are worked out again only when the second changes.
+fn timestamp(last: &mut (u64, [u8; 27])) -> [u8; 27] {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let secs = now.as_secs();
-    let (year, month, day) = civil_from_days(secs / 86_400);
-    let mut stamp = *b"0000-00-00T00:00:00.000000Z";
-    for (range, mut value) in [
-        (0..4, year),
-        (5..7, month),
-        (8..10, day),
-        (11..13, secs / 3600 % 24),
-        (14..16, secs / 60 % 60),
-        (17..19, secs % 60),
-        (20..26, u64::from(now.subsec_micros())),
-    ] {
+    let digits = |stamp: &mut [u8; 27], range: std::ops::Range<usize>, mut value: u64| {
         for digit in stamp[range].iter_mut().rev() {
             *digit = b'0' + (value % 10) as u8;
             value /= 10;
         }
+    };
+    if last.0 != secs {
+        let (year, month, day) = civil_from_days(secs / 86_400);
+        last.1 = *b"0000-00-00T00:00:00.000000Z";
+        for (range, value) in [
+            (0..4, year),
+            (5..7, month),
+            (8..10, day),
+            (11..13, secs / 3600 % 24),
+            (14..16, secs / 60 % 60),
+            (17..19, secs % 60),
+        ] {
+            digits(&mut last.1, range, value);
+        }
+        last.0 = secs;
     }
+    let mut stamp = last.1;
+    digits(&mut stamp, 20..26, u64::from(now.subsec_micros()));
     stamp
 }
 
@@ -244,13 +255,20 @@ impl Sink {
         self.line.extend_from_slice(b"\":");
     }
 
-    /// A number or boolean, as it prints: never escaped or quoted.
-    fn plain(&mut self, field: &Field, value: impl std::fmt::Display) {
+    /// Starts a number or boolean: `,"name":` or ` name=`.
+    fn name_plain(&mut self, field: &Field) {
         if self.json {
             self.json_name(field);
         } else {
-            let _ = write!(self.line, " {}=", field.name());
+            self.line.push(b' ');
+            self.line.extend_from_slice(field.name().as_bytes());
+            self.line.push(b'=');
         }
+    }
+
+    /// A number or boolean, as it prints: never escaped or quoted.
+    fn plain(&mut self, field: &Field, value: impl std::fmt::Display) {
+        self.name_plain(field);
         let _ = write!(self.line, "{value}");
     }
 }
@@ -269,7 +287,20 @@ impl Visit for Sink {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.plain(field, value);
+        // Every request's line has several: digits by hand, not `write!`.
+        self.name_plain(field);
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut n = value;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.line.extend_from_slice(&digits[at..]);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
