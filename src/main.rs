@@ -327,7 +327,8 @@ impl Visit for Sink {
 /// is empty or holds a space, `=` or `"` in double quotes, `"` as `\"`.
 fn write_field(out: &mut Vec<u8>, name: &str, value: &str) {
     let message = name == "message";
-    let quote = !message && (value.is_empty() || value.bytes().any(|b| b" =\"".contains(&b)));
+    let quote =
+        !message && (value.is_empty() || value.bytes().any(|b| matches!(b, b' ' | b'=' | b'"')));
     out.push(b' ');
     if !message {
         out.extend_from_slice(name.as_bytes());
