@@ -934,3 +934,41 @@ async fn budgets_from_the_command_line_log_tokens_and_refusals() {
     assert!(requests[1].get("tokens_in").is_none(), "{stderr}");
     assert_eq!(upstream.received().len(), 1);
 }
+
+#[tokio::test]
+async fn json_log_carries_the_upstream_request_id_escaped() {
+    // An upstream request id with quotes and backslashes (visible ASCII,
+    // kept) and a space (not visible, dropped).
+    let reply = "HTTP/1.1 200 OK\r\nrequest-id: req_\"x\\y\" z\r\ncontent-length: 2\r\n\r\nok";
+    let upstream = Upstream::start(move |_| Reply::Bytes(reply.as_bytes().to_vec())).await;
+    let ca_file = temp_path("request-id-ca.pem");
+    std::fs::write(&ca_file, &upstream.ca_pem).unwrap();
+    let route = format!("/={}", upstream.url(""));
+    let run = spawn(
+        &[
+            "--log-format",
+            "json",
+            "--route",
+            &route,
+            "--header",
+            "x-api-key=k",
+            "--ca-file",
+            ca_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], run.listening_port()));
+    let res = tokio::time::timeout(WAIT, request(addr, &get("/v1/x"))).await;
+    assert_eq!(res.unwrap().unwrap().status, 200);
+    settle();
+    run.terminate();
+    let (status, stderr, _) = run.wait();
+    let _ = std::fs::remove_file(&ca_file);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let line = (stderr.lines())
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .find(|o| o["msg"] == "request")
+        .expect("a request line");
+    assert_eq!(line["upstream_request_id"], "req_\"x\\y\"z", "{stderr}");
+    assert!(line["upstream_ms"].is_u64(), "{line}");
+}
