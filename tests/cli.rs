@@ -876,6 +876,38 @@ async fn sighup_reloads_file_secrets_and_clients_and_allowlists_work_from_the_co
     );
 }
 
+/// Runs the binary with `--log-format json`, `extra` options and one route
+/// `/` to `upstream` (trusting its CA), sends each request of `exchange`
+/// expecting its status, stops it, and returns the request lines of its log.
+async fn json_request_lines(
+    upstream: &Upstream,
+    extra: &[&str],
+    exchange: &[(&[u8], u16)],
+) -> Vec<serde_json::Value> {
+    let ca_file = temp_path("json-lines-ca.pem");
+    std::fs::write(&ca_file, &upstream.ca_pem).unwrap();
+    let route = format!("/={}", upstream.url(""));
+    let ca = ca_file.to_str().unwrap();
+    let mut args = vec!["--log-format", "json", "--ca-file", ca];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--route", &route, "--header", "x-api-key=k"]);
+    let run = spawn(&args, &[]);
+    let addr = SocketAddr::from(([127, 0, 0, 1], run.listening_port()));
+    for (bytes, status) in exchange {
+        let res = tokio::time::timeout(WAIT, request(addr, bytes)).await;
+        assert_eq!(res.expect("in time").expect("a response").status, *status);
+    }
+    settle();
+    run.terminate();
+    let (status, stderr, _) = run.wait();
+    let _ = std::fs::remove_file(&ca_file);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    (stderr.lines())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .filter(|o: &serde_json::Value| o["msg"] == "request")
+        .collect()
+}
+
 #[tokio::test]
 async fn budgets_from_the_command_line_log_tokens_and_refusals() {
     let body = r#"{"type":"message","usage":{"input_tokens":70,"output_tokens":40}}"#;
@@ -884,54 +916,25 @@ async fn budgets_from_the_command_line_log_tokens_and_refusals() {
         body.len()
     );
     let upstream = Upstream::start(move |_| Reply::Bytes(answer.clone().into_bytes())).await;
-    let ca_file = temp_path("budget-ca.pem");
-    std::fs::write(&ca_file, &upstream.ca_pem).unwrap();
-    let route = format!("/={}", upstream.url(""));
-    let run = spawn(
-        &[
-            "--log-format",
-            "json",
-            "--client",
-            "box-1=key-one",
-            "--max-tokens-per-hour",
-            "100",
-            "--max-concurrent",
-            "4",
-            "--max-requests-per-minute",
-            "60",
-            "--route",
-            &route,
-            "--header",
-            "x-api-key=k",
-            "--ca-file",
-            ca_file.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let addr = SocketAddr::from(([127, 0, 0, 1], run.listening_port()));
-    let post = b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: key-one\r\ncontent-length: 2\r\n\r\n{}";
-    for status in [200, 429] {
-        let res = tokio::time::timeout(WAIT, request(addr, post))
-            .await
-            .unwrap();
-        assert_eq!(res.unwrap().status, status);
-    }
-    settle();
-    run.terminate();
-    let (status, stderr, _) = run.wait();
-    let _ = std::fs::remove_file(&ca_file);
-    assert_eq!(status.code(), Some(0), "{stderr}");
-    let requests: Vec<serde_json::Value> = (stderr.lines())
-        .map(|line| serde_json::from_str(line).unwrap())
-        .filter(|o: &serde_json::Value| o["msg"] == "request")
-        .collect();
-    assert_eq!(requests.len(), 2, "{stderr}");
+    let post: &[u8] = b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: key-one\r\ncontent-length: 2\r\n\r\n{}";
+    let budgets = [
+        "--client",
+        "box-1=key-one",
+        "--max-tokens-per-hour",
+        "100",
+        "--max-concurrent",
+        "4",
+        "--max-requests-per-minute",
+        "60",
+    ];
+    let requests = json_request_lines(&upstream, &budgets, &[(post, 200), (post, 429)]).await;
+    assert_eq!(requests.len(), 2, "{requests:?}");
     assert_eq!(requests[0]["client"], "box-1");
     assert_eq!(requests[0]["tokens_in"], 70);
     assert_eq!(requests[0]["tokens_out"], 40);
     assert_eq!(requests[1]["status"], 429);
     assert_eq!(requests[1]["error"], "tokens");
-    assert!(requests[1].get("tokens_in").is_none(), "{stderr}");
+    assert!(requests[1].get("tokens_in").is_none(), "{}", requests[1]);
     assert_eq!(upstream.received().len(), 1);
 }
 
@@ -941,34 +944,8 @@ async fn json_log_carries_the_upstream_request_id_escaped() {
     // kept) and a space (not visible, dropped).
     let reply = "HTTP/1.1 200 OK\r\nrequest-id: req_\"x\\y\" z\r\ncontent-length: 2\r\n\r\nok";
     let upstream = Upstream::start(move |_| Reply::Bytes(reply.as_bytes().to_vec())).await;
-    let ca_file = temp_path("request-id-ca.pem");
-    std::fs::write(&ca_file, &upstream.ca_pem).unwrap();
-    let route = format!("/={}", upstream.url(""));
-    let run = spawn(
-        &[
-            "--log-format",
-            "json",
-            "--route",
-            &route,
-            "--header",
-            "x-api-key=k",
-            "--ca-file",
-            ca_file.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let addr = SocketAddr::from(([127, 0, 0, 1], run.listening_port()));
-    let res = tokio::time::timeout(WAIT, request(addr, &get("/v1/x"))).await;
-    assert_eq!(res.unwrap().unwrap().status, 200);
-    settle();
-    run.terminate();
-    let (status, stderr, _) = run.wait();
-    let _ = std::fs::remove_file(&ca_file);
-    assert_eq!(status.code(), Some(0), "{stderr}");
-    let line = (stderr.lines())
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-        .find(|o| o["msg"] == "request")
-        .expect("a request line");
-    assert_eq!(line["upstream_request_id"], "req_\"x\\y\"z", "{stderr}");
+    let requests = json_request_lines(&upstream, &[], &[(&get("/v1/x"), 200)]).await;
+    let line = requests.first().expect("a request line");
+    assert_eq!(line["upstream_request_id"], "req_\"x\\y\"z", "{line}");
     assert!(line["upstream_ms"].is_u64(), "{line}");
 }
