@@ -6,6 +6,12 @@
 Each binary is started with one route (nothing is proxied), pinned to CPU 0;
 the connections are opened and left idle; VmRSS is read after a second.
 Used to compare builds (e.g. two commits) for per-connection memory."""
+import resource
+import socket
+import subprocess
+import sys
+import time
+
 h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; resource.setrlimit(resource.RLIMIT_NOFILE, (h, h))
 def rss(pid):
     for l in open(f"/proc/{pid}/status"):
